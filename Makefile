@@ -1,0 +1,31 @@
+GO ?= go
+BIN := bin
+PKGS := ./...
+
+.PHONY: build test demo bench lint check-imports
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+test: lint check-imports
+	$(GO) test -race -count=1 -timeout 25m $(PKGS)
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+
+# Leaves stay leaves: cgroup, startup, handoff, metrics and systemd import
+# neither agent/ nor cmd/ nor each other.
+check-imports:
+	@for leaf in cgroup startup handoff metrics systemd; do \
+	  [ -d $$leaf ] || continue; \
+	  bad=$$($(GO) list -deps ./$$leaf/... | grep -E '^github.com/meshagent/meshagent/' | grep -v "^github.com/meshagent/meshagent/$$leaf" || true); \
+	  if [ -n "$$bad" ]; then echo "$$leaf imports $$bad"; exit 1; fi; \
+	done
+
+demo: build
+	./scripts/demo.sh
+
+bench: build
+	./scripts/bench.sh
