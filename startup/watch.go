@@ -1,0 +1,73 @@
+package startup
+
+import (
+	"context"
+	"time"
+)
+
+// Schedule says how often a probe runs.
+type Schedule struct {
+	// Period between checks once the container has been ready.
+	Period time.Duration
+	// Timeout bounds one check.
+	Timeout time.Duration
+	// Fast is the interval between checks until the first success. It is
+	// what makes the gate react within milliseconds.
+	Fast time.Duration
+}
+
+// Result is one check's outcome.
+type Result struct {
+	Err error // nil when ready
+	// Failures counts consecutive failed checks, 0 after a success.
+	Failures int
+	// At is when the check finished.
+	At time.Time
+}
+
+// OK reports whether the check passed.
+func (r Result) OK() bool { return r.Err == nil }
+
+// Watch runs p on schedule s and calls report with every result until ctx
+// ends. It never calls report after it returns. It is meant to run in its
+// own goroutine, one per probed container.
+func Watch(ctx context.Context, p Probe, s Schedule, report func(Result)) {
+	if s.Period <= 0 {
+		s.Period = time.Second
+	}
+	if s.Timeout <= 0 {
+		s.Timeout = time.Second
+	}
+	if s.Fast <= 0 || s.Fast > s.Period {
+		s.Fast = s.Period
+	}
+	everReady := false
+	failures := 0
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		cctx, cancel := context.WithTimeout(ctx, s.Timeout)
+		err := p.Check(cctx)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		if err == nil {
+			failures = 0
+			everReady = true
+		} else {
+			failures++
+		}
+		report(Result{Err: err, Failures: failures, At: time.Now()})
+		next := s.Period
+		if !everReady {
+			next = s.Fast
+		}
+		t.Reset(next)
+	}
+}
