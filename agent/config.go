@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"path/filepath"
 	"reflect"
 	"regexp"
 	"strings"
@@ -164,6 +165,7 @@ func LoadConfig(path string) (*Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
+	c.resolvePaths(filepath.Dir(path))
 	return c, nil
 }
 
@@ -278,6 +280,31 @@ func checkFields(n *yaml.Node, t reflect.Type, path string) error {
 		}
 	}
 	return nil
+}
+
+// resolvePaths makes relative commands and workdirs relative to the config
+// file's folder, so a config means the same whatever the agent's cwd (a
+// systemd service runs in /).
+func (c *Config) resolvePaths(base string) {
+	abs := func(p string) string {
+		if p == "" || filepath.IsAbs(p) {
+			return p
+		}
+		a, err := filepath.Abs(filepath.Join(base, p))
+		if err != nil {
+			return p
+		}
+		return a
+	}
+	for i := range c.Pods {
+		for j := range c.Pods[i].Containers {
+			ct := &c.Pods[i].Containers[j]
+			ct.Workdir = abs(ct.Workdir)
+			if strings.Contains(ct.Command, "/") && ct.Workdir == "" {
+				ct.Command = abs(ct.Command)
+			}
+		}
+	}
 }
 
 func (c *Config) setDefaults() {

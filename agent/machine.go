@@ -230,6 +230,7 @@ func (m *Machine) Containers() []ContainerStatus {
 	for i, c := range m.containers {
 		out[i] = *c
 		out[i].recent = nil
+		out[i].Ready = c.State == StateReady
 	}
 	return out
 }
@@ -240,7 +241,9 @@ func (m *Machine) Container(name string) (ContainerStatus, bool) {
 	if c == nil {
 		return ContainerStatus{}, false
 	}
-	return *c, true
+	s := *c
+	s.Ready = c.State == StateReady
+	return s, true
 }
 
 func (m *Machine) get(name string) *ContainerStatus {

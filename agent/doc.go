@@ -1,0 +1,17 @@
+// Package agent is meshagent's supervisor: it owns the pod model, the pure
+// per-pod state machine (machine.go), the runner that drives it (pod.go),
+// the runtimes that run containers (host processes here; containerd for
+// Kubernetes) and the admin API.
+//
+// The model: a pod is sidecars and apps. Sidecars start first; no app
+// starts until every sidecar passes readiness (or the startup timeout
+// passes, with failOpen). A failed container restarts alone. A stop is
+// ordered: apps drain first, sidecars outlive them.
+//
+// Who owns what: the Machine owns decisions and holds no resources; the
+// podRunner owns the processes, probes and timers of its pod and is the
+// only goroutine that feeds its Machine; a Runtime owns nothing beyond the
+// Process handles it returns. Processes are not children of the agent's
+// lifetime: an agent that exits (or is killed) leaves them running, and
+// the next agent adopts them from the state directory.
+package agent

@@ -1,0 +1,94 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"syscall"
+	"time"
+)
+
+// Runtime runs the processes of containers: host processes here, containerd
+// tasks in Kubernetes. The pod runner drives it; nothing else does.
+type Runtime interface {
+	// Start starts the container's process; it returns once the process
+	// runs the container's command (not merely forked).
+	Start(ctx context.Context, pod *PodSpec, c *ContainerSpec) (Process, error)
+	// Adopt takes over a process a previous agent started, identified by
+	// its record in the state directory. It fails with ErrGone when that
+	// process no longer exists (or its pid was reused).
+	Adopt(ctx context.Context, pod *PodSpec, c *ContainerSpec, rec ProcessRecord) (Process, error)
+}
+
+// Process is one running container process.
+type Process interface {
+	PID() int
+	// Signal sends sig to the process and its process group.
+	Signal(sig syscall.Signal) error
+	// Done is closed when the process has exited (and was reaped).
+	Done() <-chan struct{}
+	// Exit is the exit status; valid once Done is closed.
+	Exit() ExitStatus
+	// Record identifies the process for a later agent to adopt it.
+	Record() ProcessRecord
+	// Release lets go of the agent's handles without touching the process.
+	Release() error
+}
+
+// ErrGone means an adopted process no longer exists.
+var ErrGone = fmt.Errorf("process gone")
+
+// ProcessRecord identifies a process across agent restarts: a pid alone
+// can be reused, a pid and its start time (in clock ticks since boot, from
+// /proc/PID/stat) cannot.
+type ProcessRecord struct {
+	PID       int       `json:"pid"`
+	StartTime uint64    `json:"startTime"`
+	Started   time.Time `json:"started"`
+}
+
+// ExitStatus is how a process ended.
+type ExitStatus struct {
+	// Known is false for adopted processes: only a parent learns the
+	// status of its child.
+	Known  bool
+	Code   int
+	Signal syscall.Signal
+}
+
+func (e ExitStatus) String() string {
+	switch {
+	case !e.Known:
+		return "exited (status unknown: adopted process)"
+	case e.Signal != 0:
+		return "killed by " + unixSignalName(e.Signal)
+	default:
+		return fmt.Sprintf("exit status %d", e.Code)
+	}
+}
+
+// Failed reports whether the exit counts as a failure for on-failure restarts.
+func (e ExitStatus) Failed() bool { return !e.Known || e.Signal != 0 || e.Code != 0 }
+
+// StartSpec is what plugged-in features add to a container's start.
+type StartSpec struct {
+	// Env is added to the container's environment.
+	Env []string
+	// Files are passed as fds 3, 4, ... in order; the caller keeps them.
+	Files []*os.File
+	// ListenFDs makes the child set LISTEN_PID to its own pid before it
+	// runs the command (systemd socket passing).
+	ListenFDs bool
+	// CgroupProcs are cgroup.procs files the child enters before it runs
+	// the command, so it never runs unconfined.
+	CgroupProcs []string
+	// OOMScoreAdj, when set, is written for the child before it runs the
+	// command, so it holds for every process it forks.
+	OOMScoreAdj *int
+}
+
+// Preparer is a feature that adds to a container's start: a cgroup, an
+// oom_score_adj, listening sockets.
+type Preparer interface {
+	Prepare(ctx context.Context, pod *PodSpec, c *ContainerSpec, s *StartSpec) error
+}
