@@ -102,7 +102,9 @@ func cmdCtl(args []string, stdout io.Writer) error {
 			return err
 		}
 		return out(map[string]string{"pod": rest[0], "status": "restarting"},
-			func(w io.Writer) { fmt.Fprintf(w, "restarting pod %s (apps stop first, sidecars start first)\n", rest[0]) })
+			func(w io.Writer) {
+				fmt.Fprintf(w, "restarting pod %s (apps stop first, sidecars start first)\n", rest[0])
+			})
 	case "events":
 		evs, err := c.Events(ctx, *since, *limit, *pod)
 		if err != nil {
