@@ -515,8 +515,7 @@ func (m *Machine) exited(o *out, in InExited) {
 	}
 	o.do(ActProbe{Container: c.Name, PID: c.PID, On: false})
 	c.LastExit = in.Status
-	failed := in.Failed || c.State != StateStopping
-	m.afterExit(o, c, in.Status, failed)
+	m.afterExit(o, c, in.Status, in.Failed)
 }
 
 // afterExit decides what follows an exit (or a failed start).
