@@ -130,7 +130,6 @@ func (r *podRunner) apply(in Input) {
 			switch a := a.(type) {
 			case ActStart:
 				queue = append(queue, r.start(a.Container))
-				persist = true
 			case ActSignal:
 				if p := r.procs[a.Container]; p != nil && p.PID() == a.PID {
 					if err := p.Signal(a.Sig); err != nil {
@@ -145,8 +144,9 @@ func (r *podRunner) apply(in Input) {
 				r.sink(a.Event)
 			}
 		}
-		if _, ok := in.(InExited); ok {
-			persist = true
+		switch in.(type) {
+		case InStarted, InExited:
+			persist = true // the machine now holds the new pid, or none
 		}
 		if persist {
 			r.persist()
