@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# make bench: every package's benchmarks once, with the figures they report
+# (p50/p99 in ms, RSS in MiB, CPU in % of one core, writes per pass...).
+# BENCH=regexp narrows them; LONG=1 runs the long load test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pattern=${BENCH:-.}
+echo "== meshagent benchmarks ($(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"
+go test -run '^$' -bench "$pattern" -benchtime 1x -timeout 30m ./... 2>&1 |
+  grep -E '^(Benchmark|ok|FAIL|---|panic|\s+bench)' | grep -v 'no test files'
