@@ -7,7 +7,6 @@ import (
 	"sort"
 	"strings"
 	"testing"
-	"time"
 
 	dto "github.com/prometheus/client_model/go"
 )
@@ -37,8 +36,7 @@ func registryFamilies(t *testing.T) map[string]family {
 	t.Helper()
 	src := newFakeStats()
 	m := newMetrics(t, Options{Stats: src})
-	populatePod(m, src, "p")
-	m.HandoffDone(KindUpgrade, OutcomeSuccess, "", time.Second)
+	exerciseAll(m, src, "p")
 	out := map[string]family{}
 	for name, mf := range gather(t, m) {
 		f := family{typ: mf.GetType(), labels: map[string]bool{}}

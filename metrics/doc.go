@@ -8,7 +8,9 @@
 // # Model
 //
 // Events are pushed: the agent knows when a sidecar restarts, so it calls
-// SidecarRestart then; nothing here polls the supervisor. Levels that already
+// SidecarRestart then; nothing here polls the supervisor. States the agent
+// owns (a sidecar ready or crash looping, the result of the last config
+// reload, each runtime switch) are set by the agent on every change. Levels that already
 // live in the kernel (cgroup CPU, throttling and memory of each sidecar) are
 // pulled instead: the agent implements the small StatsSource interface and
 // the registry asks it once per scrape, so an idle node does no work for

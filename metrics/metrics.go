@@ -105,6 +105,11 @@ type Metrics struct {
 	fdsHeld         *prometheus.GaugeVec
 	handoffs        *prometheus.CounterVec
 	handoffDuration *prometheus.HistogramVec
+	sidecarUp       *prometheus.GaugeVec
+	crashLooping    *prometheus.GaugeVec
+	reloads         *prometheus.CounterVec
+	reloadOK        prometheus.Gauge
+	switches        *prometheus.GaugeVec
 
 	// podVecs lists every vector with a pod label, for ForgetPod.
 	podVecs []*prometheus.MetricVec
@@ -178,10 +183,37 @@ func New(opts Options) (*Metrics, error) {
 		Buckets: handoffBuckets,
 	}, []string{"kind", "outcome"})
 
+	m.sidecarUp = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "meshagent_sidecar_ready",
+		Help: "1 while the sidecar passes its readiness check, else 0.",
+	}, podContainer)
+	m.crashLooping = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "meshagent_sidecar_crash_looping",
+		Help: "1 while the supervisor reports the sidecar in a crash loop, else 0.",
+	}, podContainer)
+	m.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "meshagent_config_reloads_total",
+		Help: "Config reloads (SIGHUP or ctl reload) by result (success, failure).",
+	}, []string{"result"})
+	m.reloadOK = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "meshagent_config_last_reload_successful",
+		Help: "1 if the last config reload was taken, 0 if it was refused and the previous config is still in force.",
+	})
+	m.reloadOK.Set(1) // the config the agent started with was valid
+	m.switches = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "meshagent_switch_enabled",
+		Help: "Runtime switches: 1 on, 0 off (an emergency switch left off shows here).",
+	}, []string{"switch"})
+	// Both results exist from the start, so increase() sees the first
+	// failure instead of a series appearing out of nothing.
+	for _, c := range []string{"success", "failure"} {
+		m.reloads.WithLabelValues(c)
+	}
+
 	m.podVecs = []*prometheus.MetricVec{
 		m.sidecarRestarts.MetricVec, m.sidecarLastRdy.MetricVec, m.gateLastHold.MetricVec,
 		m.startupTimeouts.MetricVec, m.oomKills.MetricVec, m.driftFixes.MetricVec,
-		m.fdsHeld.MetricVec,
+		m.fdsHeld.MetricVec, m.sidecarUp.MetricVec, m.crashLooping.MetricVec,
 	}
 
 	version, revision := buildVersion(opts.Version, opts.Revision)
@@ -205,6 +237,7 @@ func New(opts Options) (*Metrics, error) {
 	for _, c := range []prometheus.Collector{
 		m.sidecarRestarts, m.sidecarReady, m.sidecarLastRdy, m.gateHold, m.gateLastHold,
 		m.startupTimeouts, m.oomKills, m.driftFixes, m.fdsHeld, m.handoffs, m.handoffDuration,
+		m.sidecarUp, m.crashLooping, m.reloads, m.reloadOK, m.switches,
 		buildInfo, stats,
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		collectors.NewGoCollector(),
@@ -307,6 +340,31 @@ func (m *Metrics) HandoffDone(kind, outcome, reason string, d time.Duration) {
 	m.handoffDuration.WithLabelValues(kind, outcome).Observe(seconds(d))
 }
 
+// SidecarStatus sets whether the sidecar is ready now and whether the
+// supervisor considers it crash looping; call it on every change of either.
+func (m *Metrics) SidecarStatus(pod, container string, ready, crashLooping bool) {
+	m.sidecarUp.WithLabelValues(label(pod), label(container)).Set(b2f(ready))
+	m.crashLooping.WithLabelValues(label(pod), label(container)).Set(b2f(crashLooping))
+}
+
+// ConfigReload records the result of a config reload: err nil means the new
+// config was taken, non-nil that it was refused and the old one stays.
+func (m *Metrics) ConfigReload(err error) {
+	result := "success"
+	if err != nil {
+		result = "failure"
+	}
+	m.reloads.WithLabelValues(result).Inc()
+	m.reloadOK.Set(b2f(err == nil))
+}
+
+// Switch sets the state of a runtime switch (automatic restarts, cgroup
+// writes, ...); name is one of the agent's fixed switch names. Call it for
+// every switch at start-up and on every flip.
+func (m *Metrics) Switch(name string, on bool) {
+	m.switches.WithLabelValues(label(name)).Set(b2f(on))
+}
+
 // ForgetPod removes every series labelled with pod and returns how many it
 // removed. Call it after the pod's supervisor has stopped: an event recorded
 // for the pod afterwards would bring its series back.
@@ -383,6 +441,13 @@ func label(s string) string {
 		return s
 	}
 	return strings.ToValidUTF8(s, "\uFFFD")
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // seconds converts d to the base unit; a negative duration (a clock step

@@ -7,7 +7,9 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -44,6 +46,16 @@ func TestScrapeAfterScriptedEvents(t *testing.T) {
 	m.HandoffDone(KindUpgrade, OutcomeRolledBack, ReasonCrashed, 12*time.Second)
 	m.HandoffDone(KindHandoff, OutcomeSuccess, ReasonNone, 500*time.Millisecond)
 	m.DriftCorrected("web-2", "mosn", "oom_score_adj")
+	// Status: envoy crash-looped, then recovered; mosn is down.
+	m.SidecarStatus("web-1", "envoy", false, true)
+	m.SidecarStatus("web-1", "envoy", true, false)
+	m.SidecarStatus("web-2", "mosn", false, true)
+	// Operations: one reload taken, one refused; a switch flipped off.
+	m.ConfigReload(nil)
+	m.ConfigReload(errors.New(`pods[1].containers[0].role: "sidekick" is not sidecar or app`))
+	m.Switch("auto-restart", true)
+	m.Switch("cgroup-writes", true)
+	m.Switch("auto-restart", false)
 
 	const want = `
 # HELP meshagent_sidecar_restarts_total Sidecar restarts by pod, container and cause (crash, oom, hang, operator, upgrade, other).
@@ -76,12 +88,33 @@ meshagent_sidecar_last_ready_duration_seconds{container="envoy",pod="web-1"} 0.2
 # HELP meshagent_startup_gate_last_hold_duration_seconds Time the startup gate held this pod's apps the last time it opened.
 # TYPE meshagent_startup_gate_last_hold_duration_seconds gauge
 meshagent_startup_gate_last_hold_duration_seconds{pod="web-1"} 1.6
+# HELP meshagent_sidecar_ready 1 while the sidecar passes its readiness check, else 0.
+# TYPE meshagent_sidecar_ready gauge
+meshagent_sidecar_ready{container="envoy",pod="web-1"} 1
+meshagent_sidecar_ready{container="mosn",pod="web-2"} 0
+# HELP meshagent_sidecar_crash_looping 1 while the supervisor reports the sidecar in a crash loop, else 0.
+# TYPE meshagent_sidecar_crash_looping gauge
+meshagent_sidecar_crash_looping{container="envoy",pod="web-1"} 0
+meshagent_sidecar_crash_looping{container="mosn",pod="web-2"} 1
+# HELP meshagent_config_reloads_total Config reloads (SIGHUP or ctl reload) by result (success, failure).
+# TYPE meshagent_config_reloads_total counter
+meshagent_config_reloads_total{result="failure"} 1
+meshagent_config_reloads_total{result="success"} 1
+# HELP meshagent_config_last_reload_successful 1 if the last config reload was taken, 0 if it was refused and the previous config is still in force.
+# TYPE meshagent_config_last_reload_successful gauge
+meshagent_config_last_reload_successful 0
+# HELP meshagent_switch_enabled Runtime switches: 1 on, 0 off (an emergency switch left off shows here).
+# TYPE meshagent_switch_enabled gauge
+meshagent_switch_enabled{switch="auto-restart"} 0
+meshagent_switch_enabled{switch="cgroup-writes"} 1
 `
 	names := []string{
 		"meshagent_sidecar_restarts_total", "meshagent_oom_kills_total",
 		"meshagent_cgroup_drift_corrections_total", "meshagent_startup_timeouts_total",
 		"meshagent_fdstore_held_fds", "meshagent_handoffs_total",
 		"meshagent_sidecar_last_ready_duration_seconds", "meshagent_startup_gate_last_hold_duration_seconds",
+		"meshagent_sidecar_ready", "meshagent_sidecar_crash_looping", "meshagent_config_reloads_total",
+		"meshagent_config_last_reload_successful", "meshagent_switch_enabled",
 	}
 	if err := testutil.ScrapeAndCompare(url, strings.NewReader(want), names...); err != nil {
 		t.Fatalf("scrape differs:\n%v", err)
@@ -424,8 +457,7 @@ func TestStandardCollectors(t *testing.T) {
 func TestNamingConventions(t *testing.T) {
 	src := newFakeStats()
 	m := newMetrics(t, Options{Stats: src})
-	populatePod(m, src, "p")
-	m.HandoffDone(KindUpgrade, OutcomeSuccess, "", time.Second)
+	exerciseAll(m, src, "p")
 	problems, err := testutil.GatherAndLint(m.Registry())
 	if err != nil {
 		t.Fatal(err)
@@ -445,7 +477,7 @@ func TestNamingConventions(t *testing.T) {
 // TestServe serves on a loopback port, scrapes, and checks Serve returns
 // nil on cancellation without leaking fds or goroutines.
 func TestServe(t *testing.T) {
-	before := openFDs(t)
+	checkFDs(t)
 	m := newMetrics(t, Options{})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -484,10 +516,46 @@ func TestServe(t *testing.T) {
 		t.Fatal("Serve did not return after cancel")
 	}
 	client.CloseIdleConnections()
-	if after := openFDs(t); after != before {
-		t.Errorf("open fds %d before, %d after", before, after)
-	}
 	if _, err := net.Dial("tcp", ln.Addr().String()); err == nil {
 		t.Error("listener still accepts after Serve returned")
+	}
+}
+
+// checkFDs fails the test if it ends with more open fds than it started
+// with. Sockets are closed asynchronously by net/http's connection
+// goroutines, so the count gets a second to come back down.
+func checkFDs(t *testing.T) {
+	t.Helper()
+	before := openFDs(t)
+	t.Cleanup(func() {
+		after := openFDs(t)
+		for deadline := time.Now().Add(time.Second); after > before && time.Now().Before(deadline); {
+			time.Sleep(10 * time.Millisecond)
+			after = openFDs(t)
+		}
+		if after != before {
+			t.Errorf("open fds: %d before, %d after", before, after)
+		}
+	})
+}
+
+// TestExerciseCoversEveryMethod fails when Metrics gains a recording method
+// that exerciseAll (and so the naming and dashboard checks) does not call.
+func TestExerciseCoversEveryMethod(t *testing.T) {
+	notRecorders := map[string]bool{"Handler": true, "Serve": true, "Registry": true, "ForgetPod": true}
+	typ := reflect.TypeOf(&Metrics{})
+	for i := range typ.NumMethod() {
+		name := typ.Method(i).Name
+		if !notRecorders[name] && !slices.Contains(recorders, name) {
+			t.Errorf("method %s is not in recorders/exerciseAll", name)
+		}
+	}
+	src := newFakeStats()
+	m := newMetrics(t, Options{Stats: src})
+	exerciseAll(m, src, "p")
+	for name, mf := range gather(t, m) {
+		if strings.HasPrefix(name, "meshagent_") && len(mf.GetMetric()) == 0 {
+			t.Errorf("%s has no series after exerciseAll", name)
+		}
 	}
 }
