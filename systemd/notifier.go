@@ -22,6 +22,10 @@ type Notifier struct {
 	readyOnce, stoppingOnce sync.Once
 	ready, stopping         chan struct{} // closed by Ready and Stopping
 
+	// pingMu orders a watchdog ping against Stopping: once STOPPING=1 is
+	// sent no WATCHDOG=1 follows it.
+	pingMu sync.Mutex
+
 	mu     sync.Mutex
 	status string // last status set by Status, restored when health recovers
 }
@@ -68,6 +72,8 @@ func (n *Notifier) Reloading() error {
 // watchdog stops pinging: systemd does not enforce it while stopping, and a
 // late ping must not be read as the agent being up.
 func (n *Notifier) Stopping() error {
+	n.pingMu.Lock()
+	defer n.pingMu.Unlock()
 	n.stoppingOnce.Do(func() { close(n.stopping) })
 	return n.notify(daemon.SdNotifyStopping)
 }
@@ -86,7 +92,9 @@ func (n *Notifier) Status(s string) error {
 // always healthy) returns nil within that half interval. While health fails
 // no ping is sent, the failure is shown as the unit's status, and systemd
 // aborts and restarts the agent once WatchdogSec passes without a ping; when
-// health recovers, pings resume and the last Status is shown again.
+// health recovers, pings resume and the last Status is shown again. health
+// must return when its context ends (it gets half the watchdog interval):
+// the loop waits for it.
 //
 // It returns nil when ctx ends. Without a watchdog (NOTIFY_SOCKET or
 // WATCHDOG_USEC unset, or WATCHDOG_PID naming another process) it only waits
@@ -151,16 +159,8 @@ func (n *Notifier) check(ctx context.Context, health func(context.Context) error
 		}
 		return false
 	}
-	select {
-	case <-n.stopping: // Stopping raced with the health check: no late ping.
+	if !n.ping() {
 		return true
-	default:
-	}
-	if err := n.notify(daemon.SdNotifyWatchdog); err != nil {
-		// One lost ping is not fatal (there is another half interval), and
-		// a notify socket that stays broken ends in a watchdog restart,
-		// which is the right outcome.
-		n.logger.Warn("systemd watchdog ping", "error", err)
 	}
 	if !wasHealthy {
 		n.logger.Info("agent healthy again, systemd watchdog pings resumed")
@@ -170,6 +170,25 @@ func (n *Notifier) check(ctx context.Context, health func(context.Context) error
 		if err := n.notify("STATUS=" + status); err != nil {
 			n.logger.Warn("systemd status", "error", err)
 		}
+	}
+	return true
+}
+
+// ping sends WATCHDOG=1 unless Stopping has been called, and reports
+// whether it tried.
+func (n *Notifier) ping() bool {
+	n.pingMu.Lock()
+	defer n.pingMu.Unlock()
+	select {
+	case <-n.stopping: // Stopping raced with the health check: no late ping.
+		return false
+	default:
+	}
+	if err := n.notify(daemon.SdNotifyWatchdog); err != nil {
+		// One lost ping is not fatal (there is another half interval), and
+		// a notify socket that stays broken ends in a watchdog restart,
+		// which is the right outcome.
+		n.logger.Warn("systemd watchdog ping", "error", err)
 	}
 	return true
 }

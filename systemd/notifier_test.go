@@ -181,8 +181,8 @@ func TestNotifyOrder(t *testing.T) {
 	if err := n.Stopping(); err != nil {
 		t.Fatalf("Stopping: %v", err)
 	}
-	// A ping that was already on its way may precede STOPPING=1; nothing
-	// but STOPPING=1 may follow it.
+	// A ping sent while Stopping was being called may precede STOPPING=1;
+	// nothing but STOPPING=1 may follow it.
 	var after []string
 	for _, m := range sock.within(4 * wd) {
 		if m == "STOPPING=1" || len(after) > 0 {
