@@ -39,6 +39,13 @@
 // meshagent_startup_gate_last_hold_duration_seconds), which ForgetPod removes
 // like every other pod series.
 //
+// # Cost
+//
+// A node with 500 pods of one sidecar and one app, every per-pod series
+// present, serves about 8,100 samples per scrape: about 630 KB of text (28 KB
+// gzipped, which Prometheus asks for) for about 15 ms of agent CPU, i.e. 0.1%
+// of a core at a 15 s scrape interval (BenchmarkScrape500Pods, 2-core VM).
+//
 // The agent's own process and Go runtime metrics keep their standard names
 // (process_*, go_*) so that existing dashboards and alerts work unchanged.
 package metrics
