@@ -282,8 +282,8 @@ func checkFields(n *yaml.Node, t reflect.Type, path string) error {
 	return nil
 }
 
-// resolvePaths makes relative commands and workdirs relative to the config
-// file's folder, so a config means the same whatever the agent's cwd (a
+// resolvePaths makes relative paths (socket, state dir, commands, workdirs)
+// relative to the config file's folder, so a config means the same whatever the agent's cwd (a
 // systemd service runs in /).
 func (c *Config) resolvePaths(base string) {
 	abs := func(p string) string {
@@ -296,6 +296,8 @@ func (c *Config) resolvePaths(base string) {
 		}
 		return a
 	}
+	c.Node.AdminSocket = abs(c.Node.AdminSocket)
+	c.Node.StateDir = abs(c.Node.StateDir)
 	for i := range c.Pods {
 		for j := range c.Pods[i].Containers {
 			ct := &c.Pods[i].Containers[j]
