@@ -193,6 +193,7 @@ type ContainerStatus struct {
 	recent  []time.Time // restart times within the policy window
 	pending string      // cause of the restart an exit will trigger
 	adopted bool
+	lastPID int // the pid that just exited, for the exit's state event
 }
 
 // Machine is one pod's state machine.
@@ -276,7 +277,11 @@ func (o *out) setState(c *ContainerStatus, to State, reason string) {
 	}
 	from := c.State
 	c.State = to
-	o.event(Event{Type: EvState, Container: c.Name, PID: c.PID, From: from, To: to, Reason: reason})
+	pid := c.PID
+	if pid == 0 && (to == StateExited || to == StateBackoff || to == StateStarting || to == StateWaiting) {
+		pid = c.lastPID
+	}
+	o.event(Event{Type: EvState, Container: c.Name, PID: pid, From: from, To: to, Reason: reason})
 }
 
 func (o *out) setPhase(p Phase, reason string) {
@@ -386,6 +391,7 @@ func (m *Machine) start(o *out) {
 
 func (m *Machine) startContainer(o *out, c *ContainerStatus, reason string) {
 	c.PID = 0
+	defer func() { c.lastPID = 0 }()
 	o.setState(c, StateStarting, reason)
 	o.do(ActStart{Container: c.Name})
 }
@@ -520,7 +526,7 @@ func (m *Machine) exited(o *out, in InExited) {
 
 // afterExit decides what follows an exit (or a failed start).
 func (m *Machine) afterExit(o *out, c *ContainerStatus, status string, failed bool) {
-	c.PID = 0
+	c.lastPID, c.PID = c.PID, 0
 	cause := c.pending
 	c.pending = ""
 	if m.Phase == PhaseStopping || m.Phase == PhaseStopped {

@@ -85,8 +85,10 @@ sleep 2
 ctl pod search
 
 bold "6. stop the agent: an ordered stop (apps first, then sidecars)"
+LINES=$(wc -l <"$DEMO/agent.log")
 kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || true
 AGENT_PID=
-grep -E 'to=stopping|to=exited|to=stopped' "$DEMO/agent.log" | sed -e 's/^time=[^ ]* //' | sed 's/^/   /'
+tail -n +"$((LINES + 1))" "$DEMO/agent.log" | grep -E 'to=stopping|to=exited|to=stopped' |
+  sed -e 's/^time=[^ ]* level=INFO //' | sed 's/^/   /'
 say "each app exited before its sidecar was signalled."
 bold "done (logs of every process in .demo/state/logs/)"
