@@ -3,6 +3,7 @@ package handoff
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"runtime"
@@ -91,12 +92,17 @@ func PeerCred(c *net.UnixConn) (pid int32, uid uint32, err error) {
 func recvMsg(c *net.UnixConn, maxData, maxFDs int) (data []byte, fds []int, cred *unix.Ucred, err error) {
 	buf := make([]byte, maxData+1) // one spare byte detects overlong stream messages
 	oob := make([]byte, unix.CmsgSpace(maxFDs*4)+unix.CmsgSpace(unix.SizeofUcred))
-	n, oobn, flags, _, err := c.ReadMsgUnix(buf, oob)
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	ctl, perr := parseControl(oob[:oobn])
+	n, oobn, flags, _, rerr := c.ReadMsgUnix(buf, oob)
+	// Parse the control data even when the read failed: Go reports a
+	// zero-length seqpacket or stream message as io.EOF, and fds may have
+	// come with it.
+	ctl, perr := parseControl(oob[:max(oobn, 0)])
 	switch {
+	case rerr != nil:
+		err = rerr
+		if errors.Is(rerr, io.EOF) && len(ctl.fds) > 0 {
+			err = fmt.Errorf("%w: %d fds with an empty message", ErrMalformed, len(ctl.fds))
+		}
 	case flags&unix.MSG_CTRUNC != 0:
 		err = fmt.Errorf("%w: control data truncated (more than %d fds sent?)", ErrTruncated, maxFDs)
 	case flags&unix.MSG_TRUNC != 0 || n > maxData:
