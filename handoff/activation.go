@@ -103,7 +103,7 @@ func Inherit() ([]*os.File, error) {
 	for i := range names {
 		names[i] = "unknown"
 	}
-	if v, ok := os.LookupEnv(EnvListenFDNames); ok {
+	if v := os.Getenv(EnvListenFDNames); v != "" {
 		given := strings.Split(v, ":")
 		if len(given) != n {
 			return nil, fmt.Errorf("%s has %d names but %s=%d", EnvListenFDNames, len(given), EnvListenFDs, n)

@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 )
 
@@ -29,6 +30,9 @@ type Spec struct {
 // The port must be given (0 picks a free one, which is mostly useful in
 // tests); unix paths must be absolute.
 func ParseSpec(spec string) (Spec, error) {
+	if !strings.Contains(spec, "://") {
+		return Spec{}, fmt.Errorf("%w %q: missing scheme (tcp:// or unix://)", ErrBadSpec, spec)
+	}
 	u, err := url.Parse(spec)
 	if err != nil {
 		return Spec{}, fmt.Errorf("%w %q: %w", ErrBadSpec, spec, err)
