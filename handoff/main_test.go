@@ -203,19 +203,20 @@ func helperPlant() int {
 	if err != nil {
 		return 1
 	}
-	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: os.Getenv("NOTIFY_SOCKET"), Net: "unixgram"})
+	sock, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_DGRAM, 0)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "dial:", err)
+		return 1
+	}
+	err = syscall.Sendmsg(sock, []byte("FDSTORE=1\nFDNAME=planted"), syscall.UnixRights(int(f.Fd())),
+		&syscall.SockaddrUnix{Name: os.Getenv("NOTIFY_SOCKET")}, 0)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "send:", err)
 		if errors.Is(err, syscall.EACCES) {
 			return 13
 		}
 		return 1
 	}
-	if _, _, err := c.WriteMsgUnix([]byte("FDSTORE=1\nFDNAME=planted"), syscall.UnixRights(int(f.Fd())), nil); err != nil {
-		fmt.Fprintln(os.Stderr, "send:", err)
-		return 1
-	}
-	fmt.Println("sent")
+	fmt.Println("sent", l.Addr())
 	return 0
 }
 

@@ -271,28 +271,27 @@ func SdNotify(state string, files ...*os.File) error {
 	if path == "" {
 		return ErrNoNotifySocket
 	}
-	if path[0] == '@' {
-		path = "\x00" + path[1:]
-	}
-	conn, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: path, Net: "unixgram"})
+	// An unconnected datagram socket and one sendmsg, as sd_notify does;
+	// x/sys maps a leading '@' to the abstract namespace.
+	sock, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("notify %s: %w", os.Getenv(EnvNotifySocket), err)
+		return fmt.Errorf("notify %s: socket: %w", path, err)
 	}
-	defer conn.Close()
+	defer unix.Close(sock)
 	var oob []byte
 	if len(files) > 0 {
 		fds := make([]int, len(files))
 		for i, f := range files {
 			if fds[i], err = rawFD(f); err != nil {
-				return fmt.Errorf("notify: %w", err)
+				return fmt.Errorf("notify %s: %w", path, err)
 			}
 		}
 		oob = unix.UnixRights(fds...)
 	}
-	_, _, err = conn.WriteMsgUnix([]byte(state), oob, nil)
+	err = unix.Sendmsg(sock, []byte(state), oob, &unix.SockaddrUnix{Name: path}, unix.MSG_NOSIGNAL)
 	runtime.KeepAlive(files)
 	if err != nil {
-		return fmt.Errorf("notify %s: %w", os.Getenv(EnvNotifySocket), err)
+		return fmt.Errorf("notify %s: %w", path, err)
 	}
 	return nil
 }
