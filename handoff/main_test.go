@@ -138,7 +138,7 @@ func helperServe() int {
 			fmt.Fprintln(os.Stderr, "dup:", ferr)
 			return 1
 		}
-		if err := SdNotify("FDSTORE=1\nFDNAME=web", f); err != nil {
+		if err := SdNotify("FDSTORE=1\nFDNAME=web", f); err != nil && !errors.Is(err, ErrNoNotifySocket) {
 			fmt.Fprintln(os.Stderr, "fdstore:", err)
 			return 1
 		}
@@ -554,4 +554,19 @@ func (l *load) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return fmt.Sprintf("ok %d refused %d lost %d other %d %v, by pid %v (order %v)", l.ok, l.refused, l.lost, len(l.other), l.other, l.pids, l.order)
+}
+
+// askPID connects once and returns the pid the server reports.
+func askPID(network, addr string) (int, error) {
+	c, err := net.DialTimeout(network, addr, 10*time.Second)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(line))
 }
