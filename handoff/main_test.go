@@ -41,6 +41,7 @@ var helpers = map[string]func() int{
 	"mosn-new-peer": mosnNewPeer,
 	"mosn-old-peer": mosnOldPeer,
 	"mosn-new-prod": helperMOSNNewProduction,
+	"listen-sock":   helperListenSock,
 }
 
 func TestMain(m *testing.M) {
@@ -237,6 +238,36 @@ func helperObtain() int {
 	var b [1]byte
 	n, err := c.Read(b[:])
 	if n == 1 {
+		return 3
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
+		return 0
+	}
+	fmt.Fprintln(os.Stderr, "read:", err)
+	return 1
+}
+
+// helperListenSock owns listen.sock in HANDOFF_TEST_DIR without being
+// authorized. Exit 0: the connection closed without fds; 3: fds arrived.
+func helperListenSock() int {
+	path := filepath.Join(os.Getenv("HANDOFF_TEST_DIR"), MOSNListenSocket)
+	os.Remove(path)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "listen:", err)
+		return 1
+	}
+	l.SetDeadline(time.Now().Add(20 * time.Second))
+	c, err := l.AcceptUnix()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "accept:", err)
+		return 1
+	}
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	buf := make([]byte, 16)
+	oob := make([]byte, syscall.CmsgSpace(4*MaxFiles))
+	_, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+	if oobn > 0 {
 		return 3
 	}
 	if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
