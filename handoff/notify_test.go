@@ -62,7 +62,7 @@ type notifyHarness struct {
 	log    *logRecorder
 	mu     sync.Mutex
 	lines  []string
-	pids   []int32
+	pids   []int32 // pids[i] sent lines[i]
 }
 
 func startNotify(t *testing.T, opts Options) *notifyHarness {
@@ -71,8 +71,10 @@ func startNotify(t *testing.T, opts Options) *notifyHarness {
 	opts.Logger = slog.New(h.log)
 	opts.OnNotify = func(pid int32, lines []string) {
 		h.mu.Lock()
-		h.lines = append(h.lines, lines...)
-		h.pids = append(h.pids, pid)
+		for _, l := range lines {
+			h.lines = append(h.lines, l)
+			h.pids = append(h.pids, pid)
+		}
 		h.mu.Unlock()
 	}
 	h.store = New("pod/side", opts)
@@ -132,8 +134,9 @@ func (h *notifyHarness) waitLine(t *testing.T, line string) int32 {
 		h.mu.Lock()
 		for i, l := range h.lines {
 			if l == line {
+				pid := h.pids[i]
 				h.mu.Unlock()
-				return h.pidOf(i)
+				return pid
 			}
 		}
 		h.mu.Unlock()
@@ -141,15 +144,6 @@ func (h *notifyHarness) waitLine(t *testing.T, line string) int32 {
 	}
 	t.Fatalf("notify line %q not seen; log:\n%s", line, h.log.all())
 	return 0
-}
-
-// pidOf is approximate (pids are per datagram); callers use it only with
-// single-line datagrams.
-func (h *notifyHarness) pidOf(i int) int32 {
-	if i < len(h.pids) {
-		return h.pids[i]
-	}
-	return h.pids[len(h.pids)-1]
 }
 
 func tcpListenerFile(t *testing.T) (*os.File, string) {
