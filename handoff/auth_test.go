@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -34,11 +35,8 @@ func TestProcessTree(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if p, err := os.FindProcess(worker); err == nil {
-			p.Kill()
-		}
-	})
+	// Not os.FindProcess: it would hold a pidfd open.
+	t.Cleanup(func() { syscall.Kill(worker, syscall.SIGKILL) })
 	sidecar := cmd.Process.Pid
 	auth := ProcessTree(func() int { return sidecar })
 	for _, tc := range []struct {
