@@ -138,6 +138,7 @@ func handOverOne(ctx context.Context, dir string, rc *net.UnixConn, fds []int, o
 	lpath := filepath.Join(dir, MOSNListenSocket)
 	deadline := time.Now().Add(mosnAcceptTimeout)
 	var lc *net.UnixConn
+	backoff := time.Millisecond
 	for {
 		d := net.Dialer{Deadline: deadline}
 		c, err := d.DialContext(ctx, "unix", lpath)
@@ -150,8 +151,9 @@ func handOverOne(ctx context.Context, dir string, rc *net.UnixConn, fds []int, o
 		}
 		select {
 		case <-ctx.Done():
-		case <-time.After(20 * time.Millisecond):
+		case <-time.After(backoff):
 		}
+		backoff = min(2*backoff, 50*time.Millisecond)
 	}
 	defer lc.Close()
 	stopL := context.AfterFunc(ctx, func() { lc.SetDeadline(time.Unix(1, 0)) })
