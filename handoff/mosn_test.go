@@ -315,4 +315,3 @@ func TestAddrName(t *testing.T) {
 		t.Errorf("AddrName(pipe) = %q", got)
 	}
 }
-
