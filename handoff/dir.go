@@ -13,10 +13,11 @@ import (
 // another user could then replace our sockets with theirs.
 var ErrUnsafeDir = errors.New("unsafe socket directory")
 
-// prepareDir makes dir an owner-only (0700) directory of ours, creating it
-// if needed. Only its owner can then connect to the sockets inside, which
-// is the first fence; the peer credential check is the second.
-func prepareDir(dir string) error {
+// prepareDir makes dir an owner-only (0700) directory, creating it if
+// needed, owned by us or, when the sidecar runs as another user, by that
+// user. Only the owner (and root) can then connect to the sockets inside,
+// which is the first fence; the peer credential check is the second.
+func prepareDir(dir string, user *User) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("socket dir %s: %w", dir, err)
 	}
@@ -27,15 +28,33 @@ func prepareDir(dir string) error {
 	if !fi.IsDir() {
 		return fmt.Errorf("%w %s: not a directory (%s)", ErrUnsafeDir, dir, fi.Mode().Type())
 	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
-		return fmt.Errorf("%w %s: owned by uid %d, not %d", ErrUnsafeDir, dir, st.Uid, os.Geteuid())
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fmt.Errorf("socket dir %s: no owner information", dir)
+	}
+	if int(st.Uid) != os.Geteuid() && (user == nil || int(st.Uid) != user.UID) {
+		return fmt.Errorf("%w %s: owned by uid %d, neither meshagent's %d nor the sidecar's", ErrUnsafeDir, dir, st.Uid, os.Geteuid())
 	}
 	if fi.Mode().Perm() != 0o700 {
 		if err := os.Chmod(dir, 0o700); err != nil {
 			return fmt.Errorf("socket dir %s: %w", dir, err)
 		}
 	}
+	if err := user.chown(dir); err != nil {
+		return fmt.Errorf("socket dir %s: %w", dir, err)
+	}
 	return nil
+}
+
+// User is a uid and gid.
+type User struct{ UID, GID int }
+
+// chown gives path to u; a nil u leaves it alone.
+func (u *User) chown(path string) error {
+	if u == nil {
+		return nil
+	}
+	return os.Lchown(path, u.UID, u.GID)
 }
 
 // removeStaleSocket removes a socket file left at path by an earlier

@@ -87,11 +87,11 @@ func handOverMOSN(ctx context.Context, dir string, files []*os.File, opts Option
 	}
 	defer runtime.KeepAlive(files)
 
-	if err := prepareDir(dir); err != nil {
+	if err := prepareDir(dir, opts.SidecarUser); err != nil {
 		return fmt.Errorf("MOSN hand-over: %w", err)
 	}
 	reconfig := filepath.Join(dir, MOSNReconfigSocket)
-	ln, id, err := listenUnixOwned(reconfig)
+	ln, id, err := listenUnixOwned(reconfig, opts.SidecarUser)
 	if err != nil {
 		return fmt.Errorf("MOSN hand-over: %w", err)
 	}
@@ -201,7 +201,7 @@ type Upgrade struct {
 // must pass Options.Authorize. Start serving on Files, then call Ready.
 func ReceiveMOSN(ctx context.Context, dir string, opts Options) (*Upgrade, error) {
 	log := opts.logger()
-	if err := prepareDir(dir); err != nil {
+	if err := prepareDir(dir, opts.SidecarUser); err != nil {
 		return nil, fmt.Errorf("MOSN receive: %w", err)
 	}
 	reconfig := filepath.Join(dir, MOSNReconfigSocket)
@@ -227,7 +227,7 @@ func ReceiveMOSN(ctx context.Context, dir string, opts Options) (*Upgrade, error
 	}
 
 	lpath := filepath.Join(dir, MOSNListenSocket)
-	ln, id, err := listenUnixOwned(lpath)
+	ln, id, err := listenUnixOwned(lpath, opts.SidecarUser)
 	if err != nil {
 		return nil, fmt.Errorf("MOSN receive: %w", err)
 	}
@@ -367,11 +367,12 @@ func sanitizeName(s string) string {
 	return string(b)
 }
 
-// listenUnixOwned binds a 0600 stream socket at path, replacing a stale
+// listenUnixOwned binds a 0600 stream socket at path (given to user if
+// set), replacing a stale
 // socket file, and returns its identity so that only this socket's file is
 // removed later. The listener does not unlink on Close; the caller removes
 // the path with removeIfOurs.
-func listenUnixOwned(path string) (*net.UnixListener, identity, error) {
+func listenUnixOwned(path string, user *User) (*net.UnixListener, identity, error) {
 	if err := removeStaleSocket(path); err != nil {
 		return nil, identity{}, err
 	}
@@ -380,7 +381,11 @@ func listenUnixOwned(path string) (*net.UnixListener, identity, error) {
 		return nil, identity{}, fmt.Errorf("listen %s: %w", path, err)
 	}
 	ln.SetUnlinkOnClose(false)
-	if err := os.Chmod(path, 0o600); err != nil {
+	err = os.Chmod(path, 0o600)
+	if err == nil {
+		err = user.chown(path)
+	}
+	if err != nil {
 		ln.Close()
 		os.Remove(path)
 		return nil, identity{}, fmt.Errorf("listen %s: %w", path, err)

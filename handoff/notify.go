@@ -50,7 +50,7 @@ func (s *Store) ListenNotify(path string) (*Notify, error) {
 	if !filepath.IsAbs(path) {
 		return nil, fmt.Errorf("%s: notify socket %q: path must be absolute", s.name, path)
 	}
-	if err := prepareDir(filepath.Dir(path)); err != nil {
+	if err := prepareDir(filepath.Dir(path), s.opts.SidecarUser); err != nil {
 		return nil, fmt.Errorf("%s: notify socket: %w", s.name, err)
 	}
 	if err := removeStaleSocket(path); err != nil {
@@ -67,6 +67,9 @@ func (s *Store) ListenNotify(path string) (*Notify, error) {
 		return nil, fmt.Errorf("%s: notify socket %s: %w", s.name, path, err)
 	}
 	if err := os.Chmod(path, 0o600); err != nil {
+		return fail(err)
+	}
+	if err := s.opts.SidecarUser.chown(path); err != nil {
 		return fail(err)
 	}
 	id, ok := pathIdentity(path)

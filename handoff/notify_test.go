@@ -78,7 +78,13 @@ func startNotify(t *testing.T, opts Options) *notifyHarness {
 		h.mu.Unlock()
 	}
 	h.store = New("pod/side", opts)
-	n, err := h.store.ListenNotify(filepath.Join(shortDir(t), "pod", "side.notify"))
+	// As on a node: the base directory is traversable, the per-pod
+	// directory below it is the owner-only fence.
+	base := shortDir(t)
+	if err := os.Chmod(base, 0o711); err != nil {
+		t.Fatal(err)
+	}
+	n, err := h.store.ListenNotify(filepath.Join(base, "pod", "side.notify"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -341,4 +347,52 @@ func copyTestBinary(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return bin
+}
+
+// TestNotifySidecarUser: with a sidecar running as its own user, the
+// socket directory belongs to that user (still 0700): the sidecar's user
+// can store fds, any other unprivileged user cannot even reach the socket.
+func TestNotifySidecarUser(t *testing.T) {
+	checkFDs(t)
+	bin := copyTestBinary(t)
+	h := startNotify(t, Options{
+		SidecarUser: &User{UID: 65534, GID: 65534},
+		Authorize: func(pid int32, uid uint32) error {
+			if uid != 65534 && int(uid) != os.Getuid() {
+				return fmt.Errorf("uid %d is not the sidecar's", uid)
+			}
+			return nil
+		},
+	})
+	st, err := os.Stat(filepath.Dir(h.notify.Path()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sys := st.Sys().(*syscall.Stat_t); sys.Uid != 65534 || st.Mode().Perm() != 0o700 {
+		t.Fatalf("socket dir owned by %d mode %v, want 65534 0700", sys.Uid, st.Mode().Perm())
+	}
+	run := func(uid uint32) (int, string) {
+		cmd := exec.Command(bin, "-test.run=^$")
+		cmd.Env = append(os.Environ(), helperEnv+"=plant", "NOTIFY_SOCKET="+h.notify.Path(), "HANDOFF_TEST_ADDR=127.0.0.1:0")
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode(), string(out)
+		}
+		if err != nil {
+			t.Fatalf("run as %d: %v", uid, err)
+		}
+		return 0, string(out)
+	}
+	if code, out := run(65533); code != 13 {
+		t.Fatalf("other user: exit %d, want 13 (EACCES): %s", code, out)
+	}
+	if code, out := run(65534); code != 0 {
+		t.Fatalf("sidecar user: exit %d: %s", code, out)
+	}
+	h.sync(t)
+	if got := h.store.Names(); strings.Join(got, ",") != "planted" {
+		t.Fatalf("store holds %v, want the sidecar user's fd", got)
+	}
 }

@@ -34,6 +34,11 @@ type Options struct {
 	OnNotify func(pid int32, lines []string)
 	// Logger receives refusals and malformed messages. Default slog.Default().
 	Logger *slog.Logger
+	// SidecarUser, when set, is the user a sidecar runs as if that is not
+	// meshagent's own: socket directories and sockets are given to it
+	// (still owner-only) so that it can reach them. Authorize should then
+	// check that uid too.
+	SidecarUser *User
 	// MaxFiles bounds the number of fds the store holds; at most MaxFiles
 	// (100, MOSN's per-hand-over limit), which is also the default.
 	MaxFiles int
