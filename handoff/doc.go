@@ -58,9 +58,27 @@
 // # Who may talk to us
 //
 // Notify and hand-off sockets live in owner-only (0700) directories as
-// 0600 sockets. On top of that every datagram's sender (SCM_CREDENTIALS,
-// enabled with SO_PASSCRED) and every connection's peer (SO_PEERCRED) is
-// checked with Options.Authorize, which the agent points at the pod's
-// sidecar (ProcessTree, or a cgroup check). A process that fails the check
-// can neither plant fds in a store nor receive fds from it.
+// 0600 sockets; the directory belongs to meshagent, or to the sidecar's
+// user (Options.SidecarUser) when the sidecar does not run as root. On top
+// of that every datagram's sender (SCM_CREDENTIALS, enabled with
+// SO_PASSCRED) and every connection's peer (SO_PEERCRED) is checked with
+// Options.Authorize, which the agent points at the pod's sidecar
+// (ProcessTree, or a cgroup check). A process that fails the check can
+// neither plant fds in a store nor receive fds from it; its fds are closed
+// and the refusal is logged with the reason.
+//
+// One limit of datagrams: a sender with CAP_SYS_ADMIN may put any pid in
+// its SCM_CREDENTIALS, so against a root sidecar of another pod only the
+// directory fence protects a notify socket. SO_PEERCRED on the MOSN
+// sockets is recorded by the kernel at connect or listen time and cannot
+// be forged.
+//
+// # MOSN
+//
+// For a MOSN that crashed, the agent runs Store.HandOverMOSN on the uds_dir
+// it gives MOSN before starting it: MOSN finds reconfig.sock, believes an
+// old MOSN is there, and takes the held listeners instead of binding (which
+// would fail, the store holding the ports). Nothing in this package dials
+// reconfig.sock unless told to (ReceiveMOSN): any connection to it starts
+// an upgrade in a running MOSN.
 package handoff
