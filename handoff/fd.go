@@ -34,29 +34,49 @@ func dupFile(f *os.File, name string) (*os.File, error) {
 	if err != nil {
 		return nil, err
 	}
-	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
-	runtime.KeepAlive(f)
+	defer runtime.KeepAlive(f)
+	nfd, err := dupFD(fd)
 	if err != nil {
-		return nil, fmt.Errorf("dup fd %d (%s): %w", fd, f.Name(), err)
+		return nil, fmt.Errorf("fd %s: %w", f.Name(), err)
 	}
 	return os.NewFile(uintptr(nfd), name), nil
 }
 
-// dupConn duplicates the socket behind a net.Listener or net.Conn without
-// going through its File method (which would make it blocking, see rawFD).
-func dupConn(sc syscall.Conn, name string) (*os.File, error) {
+// dupFD returns a close-on-exec duplicate of fd as a raw descriptor.
+//
+// The store keeps raw descriptors rather than *os.File: os.NewFile
+// registers a non-blocking descriptor with the Go netpoller, and a held
+// listening socket would then wake meshagent's poller on every connection
+// the sidecar receives. Files are made only for hand-outs, which live for
+// the duration of one start or hand-over.
+func dupFD(fd int) (int, error) {
+	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("dup fd %d: %w", fd, err)
+	}
+	return nfd, nil
+}
+
+// dupConnFD duplicates the socket behind a net.Listener or net.Conn as a
+// raw descriptor, without going through its File method (which would make
+// the shared description blocking, see rawFD).
+func dupConnFD(sc syscall.Conn) (int, error) {
 	rc, err := sc.SyscallConn()
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", name, err)
+		return -1, err
 	}
 	nfd, derr := -1, error(nil)
-	if err := rc.Control(func(u uintptr) {
-		nfd, derr = unix.FcntlInt(u, unix.F_DUPFD_CLOEXEC, 0)
-	}); err != nil {
-		return nil, fmt.Errorf("%s: %w", name, err)
+	if err := rc.Control(func(u uintptr) { nfd, derr = dupFD(int(u)) }); err != nil {
+		return -1, err
 	}
-	if derr != nil {
-		return nil, fmt.Errorf("dup %s: %w", name, derr)
+	return nfd, derr
+}
+
+// dupConn is dupConnFD returning a named file.
+func dupConn(sc syscall.Conn, name string) (*os.File, error) {
+	nfd, err := dupConnFD(sc)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	return os.NewFile(uintptr(nfd), name), nil
 }

@@ -84,34 +84,34 @@ func (s Spec) String() string {
 	return s.Network + "://" + s.Address
 }
 
-// open creates the listening socket and returns a duplicate named name,
-// owned by the caller. A stale unix socket file (from a previous run) is
+// open creates the listening socket and returns a raw duplicate owned by
+// the caller. A stale unix socket file (from a previous run) is
 // replaced; any other file at the path is an error.
-func (s Spec) open(ctx context.Context, name string) (*os.File, error) {
+func (s Spec) open(ctx context.Context) (int, error) {
 	if s.Network == "unix" {
 		if fi, err := os.Lstat(s.Address); err == nil {
 			if fi.Mode().Type() != fs.ModeSocket {
-				return nil, fmt.Errorf("listen %s: %s exists and is not a socket", s, s.Address)
+				return -1, fmt.Errorf("listen %s: %s exists and is not a socket", s, s.Address)
 			}
 			if err := os.Remove(s.Address); err != nil {
-				return nil, fmt.Errorf("listen %s: remove stale socket: %w", s, err)
+				return -1, fmt.Errorf("listen %s: remove stale socket: %w", s, err)
 			}
 		}
 	}
 	var lc net.ListenConfig
 	l, err := lc.Listen(ctx, s.Network, s.Address)
 	if err != nil {
-		return nil, fmt.Errorf("listen %s: %w", s, err)
+		return -1, fmt.Errorf("listen %s: %w", s, err)
 	}
 	if ul, ok := l.(*net.UnixListener); ok {
 		// The path belongs to the store entry, not to this temporary
 		// net.Listener: keep it when l is closed below.
 		ul.SetUnlinkOnClose(false)
 	}
-	f, err := dupConn(l.(syscall.Conn), name)
+	fd, err := dupConnFD(l.(syscall.Conn))
 	l.Close()
 	if err != nil {
-		return nil, fmt.Errorf("listen %s: %w", s, err)
+		return -1, fmt.Errorf("listen %s: %w", s, err)
 	}
-	return f, nil
+	return fd, nil
 }

@@ -6,7 +6,10 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime"
 	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // Errors the agent can branch on.
@@ -85,7 +88,7 @@ type Store struct {
 
 type entry struct {
 	name string
-	file *os.File
+	fd   int // raw on purpose, see dupFD
 	id   identity
 	spec string // for agent-opened listeners: the spec; else ""
 	path string // for agent-opened unix listeners: the path to unlink on Remove
@@ -125,16 +128,16 @@ func (s *Store) Listen(ctx context.Context, name, spec string) error {
 	if len(s.entries) >= s.opts.maxFiles() {
 		return fmt.Errorf("%s: listener %q: %w (%d fds)", s.name, name, ErrFull, len(s.entries))
 	}
-	f, err := sp.open(ctx, name)
+	fd, err := sp.open(ctx)
 	if err != nil {
 		return fmt.Errorf("%s: listener %q: %w", s.name, name, err)
 	}
-	id, err := fileIdentity(f)
+	id, err := fdIdentity(fd)
 	if err != nil {
-		f.Close()
+		unix.Close(fd)
 		return fmt.Errorf("%s: listener %q: %w", s.name, name, err)
 	}
-	e := entry{name: name, file: f, id: id, spec: sp.String()}
+	e := entry{name: name, fd: fd, id: id, spec: sp.String()}
 	if sp.Network == "unix" {
 		e.path = sp.Address
 	}
@@ -180,11 +183,16 @@ func (s *Store) Add(name string, f *os.File) (bool, error) {
 	if err := s.checkAddLocked(name); err != nil {
 		return false, err
 	}
-	d, err := dupFile(f, name)
+	fd, err := rawFD(f)
 	if err != nil {
 		return false, fmt.Errorf("%s: store fd %q: %w", s.name, name, err)
 	}
-	s.entries = append(s.entries, entry{name: name, file: d, id: id})
+	d, err := dupFD(fd)
+	runtime.KeepAlive(f)
+	if err != nil {
+		return false, fmt.Errorf("%s: store fd %q: %w", s.name, name, err)
+	}
+	s.entries = append(s.entries, entry{name: name, fd: d, id: id})
 	return true, nil
 }
 
@@ -218,7 +226,7 @@ func (s *Store) Remove(name string) (int, error) {
 }
 
 func (e entry) close() error {
-	err := e.file.Close()
+	err := unix.Close(e.fd)
 	if e.path != "" {
 		if rerr := os.Remove(e.path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
 			err = errors.Join(err, rerr)
@@ -255,12 +263,12 @@ func (s *Store) Activation() (*Activation, error) {
 	}
 	a := &Activation{}
 	for _, e := range s.entries {
-		d, err := dupFile(e.file, e.name)
+		d, err := dupFD(e.fd)
 		if err != nil {
 			a.Close()
-			return nil, fmt.Errorf("%s: activation: %w", s.name, err)
+			return nil, fmt.Errorf("%s: activation: %q: %w", s.name, e.name, err)
 		}
-		a.Files = append(a.Files, d)
+		a.Files = append(a.Files, os.NewFile(uintptr(d), e.name))
 		a.Names = append(a.Names, e.name)
 	}
 	return a, nil

@@ -266,3 +266,59 @@ func TestInheritRejectsBadEnvironment(t *testing.T) {
 		})
 	}
 }
+
+// TestStoreDoesNotPollHeldSockets: held listeners must not be registered
+// with meshagent's netpoller, or every connection a sidecar receives would
+// wake meshagent up. The epoll fd's fdinfo lists what it watches.
+func TestStoreDoesNotPollHeldSockets(t *testing.T) {
+	checkFDs(t)
+	s := New("pod/side", Options{})
+	defer s.Close()
+	if err := s.Listen(context.Background(), "web", "tcp://127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	f, _ := tcpListenerFile(t)
+	if _, err := s.Add("stored", f); err != nil {
+		t.Fatal(err)
+	}
+	watched := epollTargets(t)
+	if len(watched) == 0 {
+		t.Fatal("found no epoll registrations at all: cannot check")
+	}
+	for _, e := range s.entries {
+		if watched[e.fd] {
+			t.Errorf("held fd %d (%s) is registered with the netpoller", e.fd, e.name)
+		}
+	}
+	// The check can fail: the file from tcpListenerFile is registered.
+	if fd, _ := rawFD(f); !watched[fd] {
+		t.Errorf("os.NewFile'd socket fd %d not seen in epoll: the check is blind", fd)
+	}
+}
+
+// epollTargets returns the fds registered in this process's epoll sets.
+func epollTargets(t *testing.T) map[int]bool {
+	t.Helper()
+	out := map[int]bool{}
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if l, _ := os.Readlink("/proc/self/fd/" + e.Name()); l != "anon_inode:[eventpoll]" {
+			continue
+		}
+		info, err := os.ReadFile("/proc/self/fdinfo/" + e.Name())
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(info), "\n") {
+			if f := strings.Fields(line); len(f) >= 2 && f[0] == "tfd:" {
+				if n, err := strconv.Atoi(f[1]); err == nil {
+					out[n] = true
+				}
+			}
+		}
+	}
+	return out
+}
