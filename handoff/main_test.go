@@ -338,9 +338,19 @@ func helperMOSNNewProduction() int {
 type child struct {
 	cmd    *exec.Cmd
 	lines  chan string
-	stderr *strings.Builder
-	done   chan struct{}
+	stderr fileLog
+	done   chan struct{} // closed when the process has been waited for
 	err    error
+	outIno uint64 // inode of the stdout pipe, for diagnostics
+}
+
+// fileLog is a helper's stderr, kept in a file: a pipe would tie Wait to
+// every process that might inherit it.
+type fileLog string
+
+func (f fileLog) String() string {
+	b, _ := os.ReadFile(string(f))
+	return string(b)
 }
 
 // startHelper starts the test binary in role with extra files (fds 3..)
@@ -356,43 +366,48 @@ func startHelper(t *testing.T, role string, shim bool, files []*os.File, env ...
 		cmd.Env = append(cmd.Env, helperEnv+"="+role)
 	}
 	cmd.ExtraFiles = files
-	stderr := &strings.Builder{}
-	cmd.Stderr = &lockedWriter{w: stderr}
-	out, err := cmd.StdoutPipe()
+	ef, err := os.CreateTemp(t.TempDir(), "stderr")
 	if err != nil {
-		t.Fatalf("stdout pipe: %v", err)
+		t.Fatal(err)
 	}
-	if err := cmd.Start(); err != nil {
+	defer ef.Close()
+	cmd.Stderr = ef
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout = w
+	var st syscall.Stat_t
+	syscall.Fstat(int(w.Fd()), &st)
+	err = cmd.Start()
+	w.Close()
+	if err != nil {
+		r.Close()
 		t.Fatalf("start helper %s: %v", role, err)
 	}
-	c := &child{cmd: cmd, lines: make(chan string, 16), stderr: stderr, done: make(chan struct{})}
+	c := &child{cmd: cmd, lines: make(chan string, 16), stderr: fileLog(ef.Name()), done: make(chan struct{}), outIno: st.Ino}
+	scanned := make(chan struct{})
 	go func() {
-		sc := bufio.NewScanner(out)
+		defer close(scanned)
+		sc := bufio.NewScanner(r)
 		for sc.Scan() {
 			select {
 			case c.lines <- sc.Text():
 			default:
 			}
 		}
+	}()
+	go func() {
 		c.err = cmd.Wait()
 		close(c.done)
 	}()
 	t.Cleanup(func() {
 		cmd.Process.Kill()
 		<-c.done
+		r.Close() // ends the scanner even if someone else holds the pipe
+		<-scanned
 	})
 	return c
-}
-
-type lockedWriter struct {
-	mu sync.Mutex
-	w  io.Writer
-}
-
-func (l *lockedWriter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
 }
 
 func (c *child) pid() int { return c.cmd.Process.Pid }
@@ -404,9 +419,15 @@ func (c *child) waitLine(t *testing.T, d time.Duration) string {
 	case l := <-c.lines:
 		return l
 	case <-c.done:
+		// It may have printed just before exiting.
+		select {
+		case l := <-c.lines:
+			return l
+		case <-time.After(100 * time.Millisecond):
+		}
 		t.Fatalf("helper %d exited (%v) before printing; stderr: %s", c.pid(), c.err, c.stderr)
 	case <-time.After(d):
-		t.Fatalf("helper %d printed nothing in %v; stderr: %s", c.pid(), d, c.stderr)
+		t.Fatalf("helper %d printed nothing in %v; %s; stderr: %s", c.pid(), d, c.diagnose(), c.stderr)
 	}
 	return ""
 }
@@ -417,7 +438,7 @@ func (c *child) wait(t *testing.T, d time.Duration) int {
 	select {
 	case <-c.done:
 	case <-time.After(d):
-		t.Fatalf("helper %d still running after %v; stderr: %s", c.pid(), d, c.stderr)
+		t.Fatalf("helper %d still running after %v; %s; stderr: %s", c.pid(), d, c.diagnose(), c.stderr)
 	}
 	if c.err == nil {
 		return 0
@@ -428,6 +449,14 @@ func (c *child) wait(t *testing.T, d time.Duration) int {
 	}
 	t.Fatalf("helper %d: %v", c.pid(), c.err)
 	return -1
+}
+
+// diagnose describes a helper that does not finish: its state and its
+// threads' kernel wait channels.
+func (c *child) diagnose() string {
+	stat, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", c.pid()))
+	wchan, _ := os.ReadFile(fmt.Sprintf("/proc/%d/wchan", c.pid()))
+	return fmt.Sprintf("stat %q wchan %q", strings.TrimSpace(string(stat)), wchan)
 }
 
 func (c *child) terminate(t *testing.T) int {
