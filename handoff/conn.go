@@ -45,8 +45,9 @@ func SendFiles(c *net.UnixConn, files []*os.File) error {
 	return nil
 }
 
-// ReceiveFiles receives one message sent by SendFiles and returns the files,
-// named as the sender named them. The caller owns the files. On every error
+// ReceiveFiles receives one message sent by SendFiles on a SOCK_SEQPACKET
+// socket and returns the files, named as the sender named them. It does
+// not check the sender: check PeerCred first. The caller owns the files. On every error
 // all fds that arrived are closed, and errors for bad messages wrap
 // ErrMalformed, ErrTruncated or ErrTooManyFiles.
 func ReceiveFiles(c *net.UnixConn) ([]*os.File, error) {
