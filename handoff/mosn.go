@@ -57,8 +57,20 @@ var ErrNoAck = errors.New("old process did not acknowledge readiness within 3s")
 // ctx if MOSN exits first. It returns nil once the new process has reported
 // its servers running and been answered. Dialers and listen.sock owners
 // that Options.Authorize refuses are logged and ignored. The store keeps its
-// own fds throughout.
+// own fds throughout. A second call while one runs returns ErrBusy.
 func (s *Store) HandOverMOSN(ctx context.Context, dir string) error {
+	s.mu.Lock()
+	busy := s.handingOver
+	s.handingOver = true
+	s.mu.Unlock()
+	if busy {
+		return fmt.Errorf("%s: %w", s.name, ErrBusy)
+	}
+	defer func() {
+		s.mu.Lock()
+		s.handingOver = false
+		s.mu.Unlock()
+	}()
 	a, err := s.Activation()
 	if err != nil {
 		return err

@@ -315,3 +315,26 @@ func TestAddrName(t *testing.T) {
 		t.Errorf("AddrName(pipe) = %q", got)
 	}
 }
+
+func TestMOSNHandOverOneAtATime(t *testing.T) {
+	checkFDs(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := New("pod/mosn", Options{Logger: slog.New(slog.DiscardHandler)})
+	defer s.Close()
+	if err := s.Listen(ctx, "web", "tcp://127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	dir := shortDir(t)
+	done := make(chan error, 1)
+	go func() { done <- s.HandOverMOSN(ctx, dir) }()
+	waitPath(t, filepath.Join(dir, MOSNReconfigSocket))
+	if err := s.HandOverMOSN(ctx, dir); !errors.Is(err, ErrBusy) {
+		t.Fatalf("second hand-over: %v, want ErrBusy", err)
+	}
+	cancel()
+	<-done
+	if _, err := os.Lstat(filepath.Join(dir, MOSNReconfigSocket)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("reconfig.sock left after cancel: %v", err)
+	}
+}

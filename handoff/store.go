@@ -17,6 +17,7 @@ var (
 	ErrExists = errors.New("fd name already held")
 	ErrFull   = errors.New("fd store full")
 	ErrClosed = errors.New("fd store closed")
+	ErrBusy   = errors.New("a MOSN hand-over is already running for this store")
 )
 
 // Options configure a Store and the hand-off protocols. The zero value is
@@ -81,9 +82,10 @@ type Store struct {
 	opts Options
 	log  *slog.Logger
 
-	mu      sync.Mutex
-	entries []entry
-	closed  bool
+	mu          sync.Mutex
+	entries     []entry
+	closed      bool
+	handingOver bool // one HandOverMOSN at a time: both would bind reconfig.sock
 }
 
 type entry struct {

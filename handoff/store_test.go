@@ -3,11 +3,14 @@ package handoff
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -321,4 +324,53 @@ func epollTargets(t *testing.T) map[int]bool {
 		}
 	}
 	return out
+}
+
+// TestStoreConcurrentUse exercises the store from several goroutines (run
+// with -race): stores, removals and activations interleaved.
+func TestStoreConcurrentUse(t *testing.T) {
+	checkFDs(t)
+	s := New("pod/side", Options{})
+	defer s.Close()
+	f, _ := tcpListenerFile(t)
+	g, _ := tcpListenerFile(t)
+	var wg sync.WaitGroup
+	errs := make(chan error, 300)
+	for i := range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 50 {
+				switch i {
+				case 0:
+					if _, err := s.Add("a", f); err != nil {
+						errs <- err
+					}
+					s.Remove("a")
+				case 1:
+					if _, err := s.Add("b", g); err != nil {
+						errs <- err
+					}
+				case 2:
+					a, err := s.Activation()
+					if err != nil {
+						errs <- err
+						continue
+					}
+					if len(a.Files) != len(a.Names) {
+						errs <- fmt.Errorf("activation with %d files and %d names", len(a.Files), len(a.Names))
+					}
+					a.Close()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if got := s.Names(); !slices.Contains(got, "b") || slices.Contains(got, "a") {
+		t.Errorf("names after the dust settles: %v", got)
+	}
 }
