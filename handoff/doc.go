@@ -28,8 +28,10 @@
 //     unmodified MOSN restarting after a crash comes back on the same
 //     sockets. ReceiveMOSN is the new side.
 //
-// SendFiles and ReceiveFiles are the general primitive underneath: a set of
-// named fds in one message on a SOCK_SEQPACKET unix socket.
+// SendFiles and ReceiveFiles are the general primitive for passing a set of
+// named fds in one message on a SOCK_SEQPACKET unix socket (for hand-offs
+// between processes of meshagent's own, such as a restarting meshagent);
+// PeerCred tells who is on the other end.
 //
 // # Who owns which fd
 //
@@ -37,7 +39,9 @@
 //
 //   - The store owns what it holds; only Store.Remove (FDSTOREREMOVE) and
 //     Store.Close close those fds, and with the last holder gone the port
-//     is released. Store.Add duplicates its argument: the caller still
+//     is released. It keeps them as raw descriptors, outside Go's
+//     netpoller, so that connections arriving for a sidecar never wake
+//     meshagent. Store.Add duplicates its argument: the caller still
 //     owns and closes what it passed.
 //   - An Activation owns its duplicates. The agent closes it right after
 //     the child started (the child has its own copies from then on),
