@@ -73,7 +73,8 @@ type runningAgent struct {
 func testConfig(t *testing.T, pods ...PodSpec) *Config {
 	t.Helper()
 	dir := t.TempDir()
-	cfg := &Config{Node: Node{AdminSocket: filepath.Join(dir, "admin.sock"), StateDir: filepath.Join(dir, "state")}, Pods: pods}
+	// No TCP metrics: tests run side by side and must not fight over a port.
+	cfg := &Config{Node: Node{AdminSocket: filepath.Join(dir, "admin.sock"), StateDir: filepath.Join(dir, "state"), MetricsAddr: "off"}, Pods: pods}
 	cfg.setDefaults()
 	require.NoError(t, cfg.Validate())
 	return cfg
@@ -449,7 +450,7 @@ func TestAgentAdoptsAfterSIGKILL(t *testing.T) {
 func configYAML(t *testing.T, cfg *Config) string {
 	t.Helper()
 	var b strings.Builder
-	fmt.Fprintf(&b, "node: {adminSocket: %q, stateDir: %q}\npods:\n", cfg.Node.AdminSocket, cfg.Node.StateDir)
+	fmt.Fprintf(&b, "node: {adminSocket: %q, stateDir: %q, metricsAddr: off}\npods:\n", cfg.Node.AdminSocket, cfg.Node.StateDir)
 	for _, p := range cfg.Pods {
 		fmt.Fprintf(&b, "  - name: %s\n    containers:\n", p.Name)
 		for _, c := range p.Containers {
