@@ -80,13 +80,13 @@ func testConfig(t *testing.T, pods ...PodSpec) *Config {
 	return cfg
 }
 
-func startAgent(t *testing.T, cfg *Config) *runningAgent {
+func startAgent(t *testing.T, cfg *Config, opts ...Option) *runningAgent {
 	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
-	a, err := New(cfg, WithLogger(log))
+	a, err := New(cfg, append([]Option{WithLogger(log)}, opts...)...)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
 	ra := &runningAgent{Agent: a, cancel: cancel, done: make(chan error, 1), socket: cfg.Node.AdminSocket}
