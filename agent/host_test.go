@@ -267,7 +267,7 @@ func TestHostStopKillsAfterGrace(t *testing.T) {
 	h.spec.Containers[1].Stop.Grace = Duration(200 * time.Millisecond)
 	ra := startAgent(t, testConfig(t, h.spec))
 	ra.waitPhase(t, "web", PhaseRunning)
-	eventually(t, 5*time.Second, "app running", func() bool { return ra.container(t, "web", "app").PID != 0 })
+	eventually(t, 5*time.Second, "app running", func() bool { return len(readStamps(h.appStamps)["start"]) > 0 })
 	appPID := ra.container(t, "web", "app").PID
 	start := time.Now()
 	ra.stop(t)
