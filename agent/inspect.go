@@ -152,6 +152,9 @@ func (versionCheck) Check(ctx context.Context, n *NodeView) ([]Finding, error) {
 
 const versionReadTimeout = 3 * time.Second
 
+// versionClient keeps no idle connections: inspections are rare.
+var versionClient = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+
 func runningVersion(ctx context.Context, pod *PodSpec, c *ContainerSpec, pid int) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, versionReadTimeout)
 	defer cancel()
@@ -161,7 +164,7 @@ func runningVersion(ctx context.Context, pod *PodSpec, c *ContainerSpec, pid int
 		if err != nil {
 			return "", err
 		}
-		resp, err := http.DefaultClient.Do(req)
+		resp, err := versionClient.Do(req)
 		if err != nil {
 			return "", err
 		}

@@ -42,10 +42,19 @@ func cmdCtl(args []string, stdout io.Writer) error {
 	pod := sub.String("pod", "", "only this pod (events)")
 	since := sub.Uint64("since", 0, "events after this sequence number")
 	limit := sub.Int("limit", 100, "at most this many events")
-	if err := sub.Parse(rest); err != nil {
-		return err
+	// Flags may sit between arguments too: `ctl switch list --json`.
+	var positional []string
+	for {
+		if err := sub.Parse(rest); err != nil {
+			return err
+		}
+		if sub.NArg() == 0 {
+			break
+		}
+		positional = append(positional, sub.Arg(0))
+		rest = sub.Args()[1:]
 	}
-	rest = sub.Args()
+	rest = positional
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
 	c := agent.NewClient(*socket)
