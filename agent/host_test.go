@@ -458,6 +458,9 @@ func configYAML(t *testing.T, cfg *Config) string {
 			if c.Readiness != nil && c.Readiness.TCP != "" {
 				fmt.Fprintf(&b, "        readiness: {tcp: %q}\n", c.Readiness.TCP)
 			}
+			if c.Version != "" {
+				fmt.Fprintf(&b, "        version: %q\n        versionURL: %q\n", c.Version, c.VersionURL)
+			}
 			b.WriteString("        env:\n")
 			for k, v := range c.Env {
 				fmt.Fprintf(&b, "          %s: %q\n", k, v)

@@ -3,6 +3,8 @@ package agent
 import (
 	"context"
 	"errors"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
@@ -11,6 +13,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
 )
 
 // fileAgent runs an agent from a config file it can reload.
@@ -205,4 +208,47 @@ func TestReloadReportsNodeChangesItCannotApply(t *testing.T) {
 	assert.Contains(t, res.NotApplied[0], "node.adminSocket")
 	assert.Equal(t, before, pidsOf(t, ra, "web"))
 	assert.NoFileExists(t, other, "the socket stays where it was")
+}
+
+func TestOpsLeaveNoGoroutinesOrFDs(t *testing.T) {
+	fdsBefore := countFDs(t)
+	ignore := goleak.IgnoreCurrent()
+	web := newHostPod(t, "web", nil)
+	web.spec.Containers[0].Version = "x"
+	web.spec.Containers[0].VersionURL = "http://" + web.addr + "/version"
+	base := testConfig(t, web.spec)
+	base.Node.MetricsAddr = freeAddr(t)
+	path := filepath.Join(t.TempDir(), "config.yaml")
+	writeConfig(t, path, base)
+	cfg, err := LoadConfig(path)
+	require.NoError(t, err)
+	cfg.Node.MetricsAddr = base.Node.MetricsAddr
+	ra := startAgent(t, cfg, WithConfigPath(path))
+	runningPod(t, ra, "web")
+	c := NewClient(ra.socket)
+
+	hc := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := hc.Get("http://" + cfg.Node.MetricsAddr + "/metrics")
+	require.NoError(t, err)
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	_, err = c.SetSwitch(context.Background(), SwitchNRI, false)
+	require.NoError(t, err)
+	rep, err := c.Inspect(context.Background())
+	require.NoError(t, err)
+	require.Len(t, rep.Findings, 1, "the version check read the sidecar over HTTP")
+	require.NoError(t, ra.Health(context.Background()))
+
+	other := newHostPod(t, "other", nil)
+	next := testConfig(t, other.spec)
+	next.Node = cfg.Node
+	writeConfig(t, path, next)
+	res, err := c.Reload(context.Background())
+	require.NoError(t, err)
+	require.Equal(t, []string{"web"}, res.Removed)
+	runningPod(t, ra, "other")
+	ra.stop(t)
+
+	goleak.VerifyNone(t, ignore, goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"))
+	eventually(t, 2*time.Second, "fds back to the baseline", func() bool { return countFDs(t) <= fdsBefore })
 }
