@@ -128,8 +128,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.gcState()
 	close(a.ready)
 	a.log.Info("meshagent running", "pods", len(a.cfg.Pods), "admin", a.cfg.Node.AdminSocket)
+	a.notifyReady() // before a waiting reload can send RELOADING=1
 	a.reloadMu.Unlock()
-	a.notifyReady()
 
 	select {
 	case <-ctx.Done():

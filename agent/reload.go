@@ -40,6 +40,12 @@ type ReloadResult struct {
 // Reload loads the config file again and applies it. An invalid file is
 // refused with an error wrapping ErrReloadRefused; the old config stays.
 func (a *Agent) Reload(ctx context.Context) (ReloadResult, error) {
+	a.reloadMu.Lock()
+	defer a.reloadMu.Unlock()
+	if a.closing {
+		// No RELOADING=1 (nor READY=1) after STOPPING=1.
+		return ReloadResult{}, fmt.Errorf("%w: the agent is stopping", ErrReloadRefused)
+	}
 	if a.notifier != nil {
 		_ = a.notifier.Reloading()
 		defer func() {
@@ -80,18 +86,14 @@ func (r ReloadResult) summary() string {
 	return strings.Join(parts, "; ")
 }
 
-func (a *Agent) reload(ctx context.Context) (ReloadResult, error) {
+// reload does the work of Reload; reloadMu is held.
+func (a *Agent) reload(_ context.Context) (ReloadResult, error) {
 	if a.cfgPath == "" {
 		return ReloadResult{}, fmt.Errorf("%w: the agent was not started from a config file", ErrReloadRefused)
 	}
 	next, err := LoadConfig(a.cfgPath)
 	if err != nil {
 		return ReloadResult{}, fmt.Errorf("%w: %w", ErrReloadRefused, err)
-	}
-	a.reloadMu.Lock()
-	defer a.reloadMu.Unlock()
-	if a.closing {
-		return ReloadResult{}, fmt.Errorf("%w: the agent is stopping", ErrReloadRefused)
 	}
 	cur := a.config()
 
