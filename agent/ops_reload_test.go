@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"sync"
 	"testing"
 	"time"
 
@@ -251,4 +252,41 @@ func TestOpsLeaveNoGoroutinesOrFDs(t *testing.T) {
 
 	goleak.VerifyNone(t, ignore, goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"))
 	eventually(t, 2*time.Second, "fds back to the baseline", func() bool { return countFDs(t) <= fdsBefore })
+}
+
+type recordingNotifier struct {
+	mu    sync.Mutex
+	calls []string
+}
+
+func (n *recordingNotifier) add(s string) error {
+	n.mu.Lock()
+	n.calls = append(n.calls, s)
+	n.mu.Unlock()
+	return nil
+}
+func (n *recordingNotifier) Ready() error        { return n.add("READY") }
+func (n *recordingNotifier) Reloading() error    { return n.add("RELOADING") }
+func (n *recordingNotifier) Stopping() error     { return n.add("STOPPING") }
+func (n *recordingNotifier) Status(string) error { return nil }
+
+func TestNotifierOrderAndNoReloadAfterStop(t *testing.T) {
+	h := newHostPod(t, "web", nil)
+	base := testConfig(t, h.spec)
+	path := filepath.Join(t.TempDir(), "config.yaml")
+	writeConfig(t, path, base)
+	cfg, err := LoadConfig(path)
+	require.NoError(t, err)
+	n := &recordingNotifier{}
+	ra := startAgent(t, cfg, WithConfigPath(path), WithNotifier(n))
+	_, err = ra.Reload(context.Background())
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(path, []byte("pods: 7\n"), 0o600))
+	_, err = ra.Reload(context.Background())
+	require.ErrorIs(t, err, ErrReloadRefused)
+	ra.stop(t)
+	_, err = ra.Reload(context.Background())
+	require.ErrorIs(t, err, ErrReloadRefused)
+	assert.Contains(t, err.Error(), "stopping")
+	assert.Equal(t, []string{"READY", "RELOADING", "READY", "RELOADING", "READY", "STOPPING"}, n.calls)
 }
