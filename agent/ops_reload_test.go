@@ -142,7 +142,7 @@ func TestReloadAppliesPodChangesAndLeavesTheRestAlone(t *testing.T) {
 	}
 	require.Len(t, reloads, 1)
 	assert.Equal(t, "taken", reloads[0].Fields["result"])
-	assert.Contains(t, reloads[0].Reason, "restarted with a changed spec changed")
+	assert.Contains(t, reloads[0].Reason, "restarted with a changed spec: changed")
 }
 
 func TestReloadInvalidFileChangesNothing(t *testing.T) {

@@ -70,7 +70,7 @@ func (r ReloadResult) summary() string {
 	var parts []string
 	add := func(what string, names []string) {
 		if len(names) > 0 {
-			parts = append(parts, fmt.Sprintf("%s %s", what, strings.Join(names, ",")))
+			parts = append(parts, fmt.Sprintf("%s: %s", what, strings.Join(names, ",")))
 		}
 	}
 	add("added", r.Added)
