@@ -1,9 +1,11 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/http"
+	"time"
 )
 
 // The operator's endpoints: metrics, switches, reload, inspect, health.
@@ -21,7 +23,12 @@ func (s *adminServer) health(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusServiceUnavailable, err)
 		return
 	}
-	// Takes every pod's lock: a wedged supervisor shows as a timeout.
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	if err := s.a.pingSupervisors(ctx); err != nil {
+		writeError(w, http.StatusServiceUnavailable, err)
+		return
+	}
 	writeJSON(w, http.StatusOK, map[string]any{"ok": true, "pods": len(s.a.Pods())})
 }
 

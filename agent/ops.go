@@ -155,10 +155,13 @@ func (a *Agent) beginStop() {
 }
 
 // Health reports whether the agent works: every pod supervisor is alive and
-// answers, and the admin socket serves requests. The systemd watchdog pings
+// takes input before ctx ends, and the admin socket serves requests. The systemd watchdog pings
 // only while it returns nil.
 func (a *Agent) Health(ctx context.Context) error {
 	if err := a.supervisorsAlive(); err != nil {
+		return err
+	}
+	if err := a.pingSupervisors(ctx); err != nil {
 		return err
 	}
 	sock := a.config().Node.AdminSocket
@@ -174,6 +177,29 @@ func (a *Agent) config() *Config {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.cfg
+}
+
+// inPing asks a pod's run loop to show it still turns; it never reaches
+// the machine.
+type inPing struct{ done chan struct{} }
+
+func (inPing) input() {}
+
+// pingSupervisors checks that every pod's loop takes an input before ctx
+// ends: a loop stuck (in a start that never returns, say) fails it.
+func (a *Agent) pingSupervisors(ctx context.Context) error {
+	for _, r := range a.runners() {
+		p := inPing{done: make(chan struct{})}
+		if err := r.send(ctx, p); err != nil {
+			return fmt.Errorf("pod %s: supervisor does not take input: %w", r.spec.Name, err)
+		}
+		select {
+		case <-p.done:
+		case <-ctx.Done():
+			return fmt.Errorf("pod %s: supervisor does not answer: %w", r.spec.Name, ctx.Err())
+		}
+	}
+	return nil
 }
 
 func (a *Agent) supervisorsAlive() error {

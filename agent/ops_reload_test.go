@@ -290,3 +290,40 @@ func TestNotifierOrderAndNoReloadAfterStop(t *testing.T) {
 	assert.Contains(t, err.Error(), "stopping")
 	assert.Equal(t, []string{"READY", "RELOADING", "READY", "RELOADING", "READY", "STOPPING"}, n.calls)
 }
+
+// stuckRuntime blocks the start of one container until released, the way
+// a hung runtime call would.
+type stuckRuntime struct {
+	Runtime
+	container string
+	release   chan struct{}
+}
+
+func (s *stuckRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec) (Process, error) {
+	if c.Name == s.container {
+		<-s.release
+	}
+	return s.Runtime.Start(ctx, pod, c)
+}
+
+func TestHealthFailsWhileASupervisorIsStuck(t *testing.T) {
+	h := newHostPod(t, "web", nil)
+	cfg := testConfig(t, h.spec)
+	rt := &stuckRuntime{Runtime: &HostRuntime{LogDir: filepath.Join(cfg.Node.StateDir, "logs")}, container: "app", release: make(chan struct{})}
+	ra := startAgent(t, cfg, WithRuntime(rt))
+	ctx := context.Background()
+	eventually(t, 10*time.Second, "the app's start is stuck", func() bool {
+		return ra.container(t, "web", "app").State == StateStarting
+	})
+	hctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	err := ra.Health(hctx)
+	cancel()
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "pod web: supervisor does not answer")
+	close(rt.release)
+	eventually(t, 10*time.Second, "healthy again", func() bool {
+		hctx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		return ra.Health(hctx) == nil
+	})
+}
