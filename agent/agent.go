@@ -31,6 +31,8 @@ type Agent struct {
 	podsCancel context.CancelFunc
 	podsWG     sync.WaitGroup
 	ready      chan struct{}
+
+	ops // operations: switches, metrics, reload, inspections, systemd (ops.go)
 }
 
 // Option configures an Agent.
@@ -76,6 +78,9 @@ func New(cfg *Config, opts ...Option) (*Agent, error) {
 			return nil, err
 		}
 	}
+	if err := a.initOps(); err != nil {
+		return nil, err
+	}
 	if a.rt == nil {
 		a.rt = &HostRuntime{LogDir: filepath.Join(cfg.Node.StateDir, "logs")}
 	}
@@ -108,20 +113,30 @@ func (a *Agent) Run(ctx context.Context) error {
 		_ = os.Remove(a.cfg.Node.AdminSocket)
 	}()
 
+	stopMetrics, err := a.serveMetrics()
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
+
 	a.podsCtx, a.podsCancel = context.WithCancel(context.Background())
 	defer a.podsCancel()
+	a.reloadMu.Lock() // a reload waits for start-up to finish
 	for i := range a.cfg.Pods {
 		a.addPod(&a.cfg.Pods[i])
 	}
 	a.gcState()
 	close(a.ready)
 	a.log.Info("meshagent running", "pods", len(a.cfg.Pods), "admin", a.cfg.Node.AdminSocket)
+	a.notifyReady() // before a waiting reload can send RELOADING=1
+	a.reloadMu.Unlock()
 
 	select {
 	case <-ctx.Done():
 	case err := <-serveErr:
 		a.log.Error("admin socket failed", "err", err)
 	}
+	a.beginStop() // no reload from here on; tells systemd STOPPING=1
 	if a.cfg.Node.OnExit == "stop" {
 		a.stopAll()
 	} else {
@@ -135,16 +150,24 @@ func (a *Agent) Run(ctx context.Context) error {
 func (a *Agent) addPod(spec *PodSpec) {
 	r := newPodRunner(spec, a.rt, a.state, a.log, a.record)
 	r.adopt(a.podsCtx)
+	// Each pod has its own context so a reload can retire one pod.
+	ctx, cancel := context.WithCancel(a.podsCtx)
+	done := make(chan struct{})
+	a.sw.mu.Lock() // see SetSwitch
 	a.mu.Lock()
 	a.pods[spec.Name] = r
 	a.order = append(a.order, spec.Name)
+	a.lives[spec.Name] = podLife{cancel: cancel, done: done}
 	a.mu.Unlock()
+	_ = r.send(ctx, a.sw.machineInput())
+	a.sw.mu.Unlock()
 	a.podsWG.Add(1)
 	go func() {
 		defer a.podsWG.Done()
-		r.run(a.podsCtx)
+		defer close(done)
+		r.run(ctx)
 	}()
-	_ = r.send(a.podsCtx, InStart{})
+	_ = r.send(ctx, InStart{})
 }
 
 // gcState warns about state files of pods no longer configured: their
@@ -166,16 +189,8 @@ func (a *Agent) gcState() {
 // bounded by the longest grace periods.
 func (a *Agent) stopAll() {
 	var bound time.Duration
-	for _, p := range a.cfg.Pods {
-		var apps, sidecars time.Duration
-		for _, c := range p.Containers {
-			if c.Role == RoleApp {
-				apps = max(apps, c.Stop.Grace.D())
-			} else {
-				sidecars = max(sidecars, c.Stop.Grace.D())
-			}
-		}
-		bound = max(bound, apps+sidecars)
+	for _, r := range a.runners() {
+		bound = max(bound, stopBound(r.spec))
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), bound+5*time.Second)
 	defer cancel()
@@ -333,4 +348,18 @@ func listenAdmin(path, group string) (net.Listener, error) {
 		return nil, fmt.Errorf("admin socket %s: %w", path, err)
 	}
 	return ln, nil
+}
+
+// stopBound is the longest an ordered stop of p can take: the apps' longest
+// grace period, then the sidecars'.
+func stopBound(p *PodSpec) time.Duration {
+	var apps, sidecars time.Duration
+	for _, c := range p.Containers {
+		if c.Role == RoleApp {
+			apps = max(apps, c.Stop.Grace.D())
+		} else {
+			sidecars = max(sidecars, c.Stop.Grace.D())
+		}
+	}
+	return apps + sidecars
 }

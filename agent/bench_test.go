@@ -55,7 +55,7 @@ func (r *eventRecorder) all() []Event {
 func benchAgent(b *testing.B, rec *eventRecorder, pods ...PodSpec) (*Agent, func()) {
 	b.Helper()
 	dir := b.TempDir()
-	cfg := &Config{Node: Node{AdminSocket: filepath.Join(dir, "admin.sock"), StateDir: filepath.Join(dir, "state")}, Pods: pods}
+	cfg := &Config{Node: Node{AdminSocket: filepath.Join(dir, "admin.sock"), StateDir: filepath.Join(dir, "state"), MetricsAddr: "off"}, Pods: pods}
 	cfg.setDefaults()
 	a, err := New(cfg, WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))), WithEventHook(rec.hook))
 	if err != nil {
@@ -180,7 +180,7 @@ func BenchmarkFootprint200Pods(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		dir := b.TempDir()
 		var y strings.Builder
-		fmt.Fprintf(&y, "node: {adminSocket: %q, stateDir: %q}\npods:\n", filepath.Join(dir, "admin.sock"), filepath.Join(dir, "state"))
+		fmt.Fprintf(&y, "node: {adminSocket: %q, stateDir: %q, metricsAddr: off}\npods:\n", filepath.Join(dir, "admin.sock"), filepath.Join(dir, "state"))
 		for p := 0; p < pods; p++ {
 			addr := freeAddrB(b)
 			fmt.Fprintf(&y, `  - name: pod%d

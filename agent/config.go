@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -37,6 +38,22 @@ type Node struct {
 	// stops them in order; "leave" leaves them running for the next agent
 	// to adopt (for upgrading meshagent itself).
 	OnExit string `yaml:"onExit" json:"onExit"`
+	// MetricsAddr is the TCP address of /metrics (Prometheus); default
+	// 127.0.0.1:9477, loopback only. "off" serves /metrics on the admin
+	// socket alone.
+	MetricsAddr string `yaml:"metricsAddr" json:"metricsAddr"`
+	// Inspect holds the thresholds of `meshagent ctl inspect`.
+	Inspect InspectPolicy `yaml:"inspect" json:"inspect"`
+}
+
+// InspectPolicy holds the thresholds of the node inspections.
+type InspectPolicy struct {
+	// LogMaxBytes is the most a container's log files may take; default
+	// 100 MiB.
+	LogMaxBytes int64 `yaml:"logMaxBytes" json:"logMaxBytes"`
+	// FSMaxUsedPercent is the most the log filesystem may be used;
+	// default 90.
+	FSMaxUsedPercent int `yaml:"fsMaxUsedPercent" json:"fsMaxUsedPercent"`
 }
 
 // Log configures the agent's own log.
@@ -71,16 +88,21 @@ const (
 
 // ContainerSpec is one supervised process of a pod.
 type ContainerSpec struct {
-	Name      string            `yaml:"name" json:"name"`
-	Role      Role              `yaml:"role" json:"role"`
-	Command   string            `yaml:"command" json:"command"`
-	Args      []string          `yaml:"args" json:"args,omitempty"`
-	Env       map[string]string `yaml:"env" json:"env,omitempty"`
-	Workdir   string            `yaml:"workdir" json:"workdir,omitempty"`
-	Version   string            `yaml:"version" json:"version,omitempty"`
-	Readiness *Readiness        `yaml:"readiness" json:"readiness,omitempty"`
-	Restart   RestartPolicy     `yaml:"restart" json:"restart"`
-	Stop      StopPolicy        `yaml:"stop" json:"stop"`
+	Name    string            `yaml:"name" json:"name"`
+	Role    Role              `yaml:"role" json:"role"`
+	Command string            `yaml:"command" json:"command"`
+	Args    []string          `yaml:"args" json:"args,omitempty"`
+	Env     map[string]string `yaml:"env" json:"env,omitempty"`
+	Workdir string            `yaml:"workdir" json:"workdir,omitempty"`
+	Version string            `yaml:"version" json:"version,omitempty"`
+	// VersionCommand or VersionURL tell `ctl inspect` how to read the
+	// version actually running (the first line of the command's output or
+	// of the URL's body), to compare with Version.
+	VersionCommand []string      `yaml:"versionCommand" json:"versionCommand,omitempty"`
+	VersionURL     string        `yaml:"versionURL" json:"versionURL,omitempty"`
+	Readiness      *Readiness    `yaml:"readiness" json:"readiness,omitempty"`
+	Restart        RestartPolicy `yaml:"restart" json:"restart"`
+	Stop           StopPolicy    `yaml:"stop" json:"stop"`
 }
 
 // Readiness is one check, exactly one of TCP, HTTP, Exec, Unix.
@@ -151,6 +173,7 @@ func (d *Duration) UnmarshalText(b []byte) error {
 const (
 	DefaultAdminSocket = "/run/meshagent/admin.sock"
 	DefaultStateDir    = "/run/meshagent"
+	DefaultMetricsAddr = "127.0.0.1:9477"
 )
 
 // LoadConfig reads, checks and completes the configuration in path. An
@@ -326,6 +349,15 @@ func (c *Config) setDefaults() {
 	if n.OnExit == "" {
 		n.OnExit = "stop"
 	}
+	if n.MetricsAddr == "" {
+		n.MetricsAddr = DefaultMetricsAddr
+	}
+	if n.Inspect.LogMaxBytes == 0 {
+		n.Inspect.LogMaxBytes = 100 << 20
+	}
+	if n.Inspect.FSMaxUsedPercent == 0 {
+		n.Inspect.FSMaxUsedPercent = 90
+	}
 	for i := range c.Pods {
 		c.Pods[i].setDefaults()
 	}
@@ -412,6 +444,17 @@ func (c *Config) Validate() error {
 	default:
 		add("node.log.format", "want text or json, got %q", c.Node.Log.Format)
 	}
+	if a := c.Node.MetricsAddr; a != "off" {
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			add("node.metricsAddr", "want host:port or off, got %q", a)
+		}
+	}
+	if c.Node.Inspect.LogMaxBytes < 0 {
+		add("node.inspect.logMaxBytes", "negative")
+	}
+	if p := c.Node.Inspect.FSMaxUsedPercent; p < 0 || p > 100 {
+		add("node.inspect.fsMaxUsedPercent", "want 1 to 100, got %d", p)
+	}
 	pods := map[string]bool{}
 	for i := range c.Pods {
 		p := &c.Pods[i]
@@ -489,6 +532,14 @@ func (p *PodSpec) validate() error {
 		}
 		if _, err := ParseSignal(c.Stop.Signal); err != nil {
 			add(cp+".stop.signal", "%v", err)
+		}
+		if c.VersionURL != "" && len(c.VersionCommand) > 0 {
+			add(cp+".versionURL", "give versionURL or versionCommand, not both")
+		}
+		if c.VersionURL != "" {
+			if u, err := url.Parse(c.VersionURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+				add(cp+".versionURL", "want an http:// or https:// URL, got %q", c.VersionURL)
+			}
 		}
 		if r := c.Readiness; r != nil {
 			set := 0

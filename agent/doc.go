@@ -14,4 +14,14 @@
 // Process handles it returns. Processes are not children of the agent's
 // lifetime: an agent that exits (or is killed) leaves them running, and
 // the next agent adopts them from the state directory.
+//
+// Operations (ops.go and its neighbours): every event passes through one
+// hook that turns it into Prometheus metrics (metrics.go), served at
+// /metrics on the admin socket and on node.metricsAddr. Runtime switches
+// (switches.go) are emergency brakes persisted in the state directory; the
+// machine obeys auto-restart and startup-gate through InSwitches, other
+// features ask Agent.Switch when they act. Reload (reload.go) brings the
+// pods in line with the config file without touching unchanged ones.
+// Inspections (inspect.go) are Checks run on demand; features add theirs
+// with WithCheck. A Notifier (systemd) hears READY, RELOADING and STOPPING.
 package agent

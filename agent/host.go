@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/meshagent/meshagent/systemd"
 	"golang.org/x/sys/unix"
 )
 
@@ -190,7 +191,8 @@ func containerEnv(pod *PodSpec, c *ContainerSpec, extra []string) []string {
 	for _, k := range keys {
 		env = append(env, k+"="+c.Env[k])
 	}
-	return append(env, extra...)
+	// NOTIFY_SOCKET and the watchdog variables are the agent's alone.
+	return systemd.ChildEnv(append(env, extra...))
 }
 
 // hostProcess watches one process through its pidfd.

@@ -73,19 +73,20 @@ type runningAgent struct {
 func testConfig(t *testing.T, pods ...PodSpec) *Config {
 	t.Helper()
 	dir := t.TempDir()
-	cfg := &Config{Node: Node{AdminSocket: filepath.Join(dir, "admin.sock"), StateDir: filepath.Join(dir, "state")}, Pods: pods}
+	// No TCP metrics: tests run side by side and must not fight over a port.
+	cfg := &Config{Node: Node{AdminSocket: filepath.Join(dir, "admin.sock"), StateDir: filepath.Join(dir, "state"), MetricsAddr: "off"}, Pods: pods}
 	cfg.setDefaults()
 	require.NoError(t, cfg.Validate())
 	return cfg
 }
 
-func startAgent(t *testing.T, cfg *Config) *runningAgent {
+func startAgent(t *testing.T, cfg *Config, opts ...Option) *runningAgent {
 	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
-	a, err := New(cfg, WithLogger(log))
+	a, err := New(cfg, append([]Option{WithLogger(log)}, opts...)...)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
 	ra := &runningAgent{Agent: a, cancel: cancel, done: make(chan error, 1), socket: cfg.Node.AdminSocket}
@@ -266,7 +267,7 @@ func TestHostStopKillsAfterGrace(t *testing.T) {
 	h.spec.Containers[1].Stop.Grace = Duration(200 * time.Millisecond)
 	ra := startAgent(t, testConfig(t, h.spec))
 	ra.waitPhase(t, "web", PhaseRunning)
-	eventually(t, 5*time.Second, "app running", func() bool { return ra.container(t, "web", "app").PID != 0 })
+	eventually(t, 5*time.Second, "app running", func() bool { return len(readStamps(h.appStamps)["start"]) > 0 })
 	appPID := ra.container(t, "web", "app").PID
 	start := time.Now()
 	ra.stop(t)
@@ -449,13 +450,16 @@ func TestAgentAdoptsAfterSIGKILL(t *testing.T) {
 func configYAML(t *testing.T, cfg *Config) string {
 	t.Helper()
 	var b strings.Builder
-	fmt.Fprintf(&b, "node: {adminSocket: %q, stateDir: %q}\npods:\n", cfg.Node.AdminSocket, cfg.Node.StateDir)
+	fmt.Fprintf(&b, "node: {adminSocket: %q, stateDir: %q, metricsAddr: off}\npods:\n", cfg.Node.AdminSocket, cfg.Node.StateDir)
 	for _, p := range cfg.Pods {
 		fmt.Fprintf(&b, "  - name: %s\n    containers:\n", p.Name)
 		for _, c := range p.Containers {
 			fmt.Fprintf(&b, "      - name: %s\n        role: %s\n        command: %q\n        stop: {grace: %s}\n", c.Name, c.Role, c.Command, c.Stop.Grace.D())
 			if c.Readiness != nil && c.Readiness.TCP != "" {
 				fmt.Fprintf(&b, "        readiness: {tcp: %q}\n", c.Readiness.TCP)
+			}
+			if c.Version != "" {
+				fmt.Fprintf(&b, "        version: %q\n        versionURL: %q\n", c.Version, c.VersionURL)
 			}
 			b.WriteString("        env:\n")
 			for k, v := range c.Env {

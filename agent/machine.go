@@ -187,13 +187,15 @@ type ContainerStatus struct {
 	// policy allows.
 	CrashLoop bool `json:"crashLoop"`
 
-	spec    *ContainerSpec
-	gen     int
-	streak  int         // restarts since the last stable run
-	recent  []time.Time // restart times within the policy window
-	pending string      // cause of the restart an exit will trigger
-	adopted bool
-	lastPID int // the pid that just exited, for the exit's state event
+	spec     *ContainerSpec
+	gen      int
+	streak   int         // restarts since the last stable run
+	recent   []time.Time // restart times within the policy window
+	pending  string      // cause of the restart an exit will trigger
+	adopted  bool
+	held     string // cause of an exit left down by the auto-restart switch
+	hangSeen bool   // a hang already reported while auto-restart is off
+	lastPID  int    // the pid that just exited, for the exit's state event
 }
 
 // Machine is one pod's state machine.
@@ -205,6 +207,10 @@ type Machine struct {
 	startedAt  time.Time // when the current start began
 	startupGen int
 	restartPod bool // start again once stopped
+
+	// Runtime switches (InSwitches), negated so the zero value is "on".
+	noAutoRestart bool
+	gateOff       bool
 }
 
 // NewMachine returns the machine of a pod that has not started.
@@ -334,6 +340,8 @@ func (m *Machine) Handle(now time.Time, in Input) []Action {
 		}
 	case InTimer:
 		m.timerFired(o, in)
+	case InSwitches:
+		m.setSwitches(o, in)
 	default:
 		panic(fmt.Sprintf("agent: unknown machine input %T", in))
 	}
@@ -381,6 +389,9 @@ func (m *Machine) start(o *out) {
 			m.startContainer(o, c, "start")
 		}
 	}
+	if m.Phase == PhasePending && m.gateOff {
+		m.forceOpenGate(o)
+	}
 	if m.Phase == PhasePending {
 		if m.Spec.Startup.Timeout > 0 {
 			o.timer(m.Spec.Startup.Timeout.D(), TimerStartup, nil)
@@ -392,6 +403,7 @@ func (m *Machine) start(o *out) {
 func (m *Machine) startContainer(o *out, c *ContainerStatus, reason string) {
 	c.PID = 0
 	defer func() { c.lastPID = 0 }()
+	c.held, c.hangSeen = "", false
 	o.setState(c, StateStarting, reason)
 	o.do(ActStart{Container: c.Name})
 }
@@ -455,6 +467,19 @@ func (m *Machine) probed(o *out, in InProbe) {
 	c := m.get(in.Container)
 	if c == nil || c.PID == 0 || c.PID != in.PID {
 		return // a late result for a process that is gone
+	}
+	if in.OK {
+		c.hangSeen = false
+	}
+	if !in.OK && m.noAutoRestart && (c.State == StateRunning || c.State == StateReady) {
+		// Hang detection restarts; with auto-restart off the container
+		// is left alone, and the hang reported once.
+		if !c.hangSeen && m.hung(c, in, o.now) {
+			c.hangSeen = true
+			o.event(Event{Type: EvHang, Container: c.Name, PID: c.PID,
+				Reason: "readiness failing: " + in.Err + "; auto-restart switch off, left running"})
+		}
+		return
 	}
 	switch {
 	case in.OK && c.State == StateRunning:
@@ -550,6 +575,10 @@ func (m *Machine) afterExit(o *out, c *ContainerStatus, status string, failed bo
 		o.setState(c, StateExited, status)
 		return
 	}
+	if m.noAutoRestart && cause != CauseOperator && cause != CauseUpgrade {
+		m.holdDown(o, c, cause, status)
+		return
+	}
 	rp := c.spec.Restart
 	// Crash-loop accounting over the policy window.
 	keep := c.recent[:0]
@@ -629,7 +658,9 @@ func (m *Machine) timerFired(o *out, in InTimer) {
 	}
 	switch in.Kind {
 	case TimerBackoff:
-		if c.State == StateBackoff {
+		if c.State == StateBackoff && m.noAutoRestart {
+			m.holdDown(o, c, CauseCrash, c.LastExit)
+		} else if c.State == StateBackoff {
 			m.startContainer(o, c, "backoff over")
 		}
 	case TimerGrace:

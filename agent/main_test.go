@@ -53,9 +53,9 @@ func envDuration(k string) time.Duration {
 // testSidecar listens on $LISTEN_ADDR after $DELAY and serves /ready.
 // With $NEVER_READY it never listens.
 func testSidecar() {
-	stamp("start")
 	term := make(chan os.Signal, 1)
 	signal.Notify(term, syscall.SIGTERM)
+	stamp("start")
 	time.Sleep(envDuration("DELAY"))
 	if os.Getenv("NEVER_READY") == "" {
 		ln, err := net.Listen("tcp", os.Getenv("LISTEN_ADDR"))
@@ -76,9 +76,10 @@ func testSidecar() {
 }
 
 func testApp() {
-	stamp("start")
+	// Handler first: a test that saw "start" may send SIGTERM at once.
 	term := make(chan os.Signal, 1)
 	signal.Notify(term, syscall.SIGTERM)
+	stamp("start")
 	<-term
 	stamp("term")
 	time.Sleep(envDuration("DRAIN"))

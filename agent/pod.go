@@ -88,6 +88,10 @@ func (r *podRunner) run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case in := <-r.inbox:
+			if p, ok := in.(inPing); ok {
+				close(p.done) // the loop turns: see Agent.Health
+				continue
+			}
 			r.apply(in)
 		}
 	}

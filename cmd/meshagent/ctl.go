@@ -32,7 +32,7 @@ func cmdCtl(args []string, stdout io.Writer) error {
 	}
 	rest := fs.Args()
 	if len(rest) == 0 {
-		return errors.New("ctl: want a command: pods, pod, restart, restart-pod, events")
+		return errors.New("ctl: want a command: pods, pod, restart, restart-pod, events, switch, reload, inspect, metrics")
 	}
 	// Flags may also follow the command: `ctl pods --json`.
 	cmd, rest := rest[0], rest[1:]
@@ -42,8 +42,8 @@ func cmdCtl(args []string, stdout io.Writer) error {
 	pod := sub.String("pod", "", "only this pod (events)")
 	since := sub.Uint64("since", 0, "events after this sequence number")
 	limit := sub.Int("limit", 100, "at most this many events")
-	// Flags and arguments in any order: `ctl pod web --json`.
-	var pos []string
+	// Flags may sit between arguments too: `ctl switch list --json`.
+	var positional []string
 	for {
 		if err := sub.Parse(rest); err != nil {
 			return err
@@ -51,10 +51,10 @@ func cmdCtl(args []string, stdout io.Writer) error {
 		if sub.NArg() == 0 {
 			break
 		}
-		pos = append(pos, sub.Arg(0))
+		positional = append(positional, sub.Arg(0))
 		rest = sub.Args()[1:]
 	}
-	rest = pos
+	rest = positional
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
 	c := agent.NewClient(*socket)
@@ -121,6 +121,9 @@ func cmdCtl(args []string, stdout io.Writer) error {
 		}
 		return out(evs, func(w io.Writer) { eventTable(w, evs) })
 	default:
+		if handled, err := ctlOps(ctx, c, cmd, rest, *asJSON, stdout, out); handled { // ctl_ops.go
+			return err
+		}
 		return fmt.Errorf("ctl: unknown command %q", cmd)
 	}
 }

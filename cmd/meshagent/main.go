@@ -71,6 +71,7 @@ func usage(w io.Writer) {
 	fmt.Fprint(w, `usage:
   meshagent run --config FILE
   meshagent ctl [--socket PATH] [--json] pods | pod NAME | restart POD/CONTAINER | restart-pod POD | events [--pod NAME]
+  meshagent ctl [--socket PATH] [--json] switch list | switch set NAME on|off | reload | inspect | metrics
   meshagent version
 `)
 }
@@ -90,12 +91,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log := newLogger(cfg.Node.Log, stderr)
-	a, err := agent.New(cfg, agent.WithLogger(log))
-	if err != nil {
-		return err
-	}
-	return a.Run(ctx)
+	return runAgent(ctx, cfg, *config, newLogger(cfg.Node.Log, stderr)) // run.go
 }
 
 func newLogger(c agent.Log, w io.Writer) *slog.Logger {
