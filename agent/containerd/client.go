@@ -23,9 +23,15 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
-// ErrNoTask is returned by StopContainer when the container has no running
-// task to stop.
-var ErrNoTask = errors.New("container has no running task")
+// Errors StopContainer returns for a container it cannot stop; a caller that
+// wants it stopped may treat both as done.
+var (
+	// ErrNoTask: the container exists but has no running task (exited,
+	// possibly reaped by CRI already, or never started).
+	ErrNoTask = errors.New("container has no running task")
+	// ErrNoContainer: containerd has no such container.
+	ErrNoContainer = errors.New("no such container")
+)
 
 // Client talks to one containerd over its socket: the containerd API for
 // containers, tasks and events, and the CRI API for what kubelet told the
@@ -267,12 +273,15 @@ func (c *Client) StopContainer(ctx context.Context, id string, signal syscall.Si
 	st, err := ts.Get(ctx, &tasksapi.GetRequest{ContainerID: id})
 	if err != nil {
 		if errdefs.IsNotFound(errgrpc.ToNative(err)) {
+			if _, err := c.ctr.ContainerService().Get(ctx, id); errdefs.IsNotFound(err) {
+				return fmt.Errorf("stop container %s: %w", id, ErrNoContainer)
+			}
 			return fmt.Errorf("stop container %s: %w", id, ErrNoTask)
 		}
 		return fmt.Errorf("stop container %s: get task: %w", id, errgrpc.ToNative(err))
 	}
 	if st.Process.GetStatus() == tasktypes.Status_STOPPED {
-		return nil
+		return fmt.Errorf("stop container %s: %w", id, ErrNoTask) // exited, not yet reaped
 	}
 
 	waitCtx, cancel := context.WithCancel(ctx)
