@@ -169,7 +169,9 @@ EOF
 	mv "$CONF.tmp" "$CONF"
 }
 
-answering() { CTR version >/dev/null 2>&1; }
+# answering: the daemon is ours, alive, and serves its socket. (A stale socket
+# file would make ctr wait for its full connect timeout.)
+answering() { daemon_pid >/dev/null && CTR --connect-timeout 2s version >/dev/null 2>&1; }
 
 # daemon_pid prints the pid of this instance's daemon if it is running: the pid
 # file must name a live containerd started with this instance's config.
