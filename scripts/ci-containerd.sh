@@ -86,13 +86,16 @@ apt_install() {
 
 build_v2() {
 	if [[ -x $V2_BIN/containerd && -x $V2_BIN/containerd-shim-runc-v2 && -x $V2_BIN/ctr ]] &&
-		"$V2_BIN/containerd" --version | grep -qF " ${V2_VERSION#v}"; then
+		"$V2_BIN/containerd" --version | grep -qF " $V2_VERSION "; then
 		return 0
 	fi
 	log "building containerd $V2_VERSION (a few minutes when cold)"
 	local tmp=$V2_BIN.tmp.$$ start=$SECONDS
 	rm -rf "$tmp" && mkdir -p "$tmp"
+	# Stamp the release version as containerd's own builds do: NRI plugins
+	# infer the runtime's NRI features from it.
 	GOBIN=$tmp GOFLAGS=-buildvcs=false go install -tags no_btrfs,no_devmapper,no_zfs \
+		-ldflags "-X github.com/containerd/containerd/v2/version.Version=$V2_VERSION -X github.com/containerd/containerd/v2/version.Revision=go-install" \
 		"github.com/containerd/containerd/v2/cmd/containerd@$V2_VERSION" \
 		"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$V2_VERSION" \
 		"github.com/containerd/containerd/v2/cmd/ctr@$V2_VERSION"
@@ -185,6 +188,11 @@ daemon_pid() {
 }
 
 start_daemon() {
+	local pid
+	if pid=$(daemon_pid) && [[ $(readlink "/proc/$pid/exe") == *" (deleted)" ]]; then
+		log "$inst: containerd binary was rebuilt; restarting"
+		stop_daemon
+	fi
 	if answering; then
 		log "$inst already answering on $SOCK"
 		return 0

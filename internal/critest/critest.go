@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -400,4 +401,23 @@ func cgroupMounts() ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// PID returns the host PID of a running container's process, from CRI's
+// verbose status (the same source crictl inspect uses).
+func (r *Runtime) PID(ctx context.Context, id string) (int, error) {
+	resp, err := r.RS.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: id, Verbose: true})
+	if err != nil {
+		return 0, fmt.Errorf("container status %s: %w", id, err)
+	}
+	var info struct {
+		PID int `json:"pid"`
+	}
+	if err := json.Unmarshal([]byte(resp.GetInfo()["info"]), &info); err != nil {
+		return 0, fmt.Errorf("container %s: decode verbose info: %w", id, err)
+	}
+	if info.PID <= 0 {
+		return 0, fmt.Errorf("container %s: no pid in verbose info (not running?)", id)
+	}
+	return info.PID, nil
 }
