@@ -40,8 +40,11 @@ die() { log "$*"; exit 1; }
 lane=${1:-v2}
 action=${2:-start}
 case $lane in
-v2) inst=${3:-containerd2} ;;
-v1) inst=${3:-containerd16} ;;
+v2) default_inst=containerd2 ;;
+v1) default_inst=containerd16 ;;
+esac
+case $lane in
+v2 | v1) inst=${3:-$default_inst} ;;
 env)
 	cat <<EOF
 export MESHAGENT_TEST_CONTAINERD=/run/meshagent-ci/containerd2/containerd.sock
@@ -105,7 +108,11 @@ build_v2() {
 
 build_images() {
 	# Reproducible archives: rebuilding is cheap with a warm Go cache and a
-	# re-import of unchanged digests is a no-op.
+	# re-import of unchanged digests is a no-op. A test's private instance
+	# reuses the archives the lane's setup built.
+	if [[ $inst != "$default_inst" && -f $IMAGES/pause.tar && -f $IMAGES/sidecar.tar && -f $IMAGES/app.tar ]]; then
+		return 0
+	fi
 	(cd "$REPO" && go run ./internal/testimages/build -out "$IMAGES" >/dev/null)
 }
 
