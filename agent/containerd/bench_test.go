@@ -13,14 +13,12 @@ import (
 )
 
 // BenchmarkDiscovery starts MESHAGENT_BENCH_PODS pods (default 100; a
-// sidecar and an app each) and then measures, per lane:
+// sidecar and an app each) and then measures, per lane, Snapshot (one
+// complete pod model: containerd listing plus CRI join) and FirstSync (a fresh
+// client's Run from start to its first Synced event: the time from agent start
+// to a complete pod model). Run it with
 //
-//   - Snapshot: one complete pod model (containerd listing + CRI join);
-//
-//   - FirstSync: a fresh client's Run from start to its first Synced event,
-//     the time from agent start to a complete pod model.
-//
-//     go test -run '^$' -bench Discovery -benchtime 10x ./agent/containerd/
+//	go test -run '^$' -bench Discovery -benchtime 10x ./agent/containerd/
 func BenchmarkDiscovery(b *testing.B) {
 	n := 100
 	if v := os.Getenv("MESHAGENT_BENCH_PODS"); v != "" {
