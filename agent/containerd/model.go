@@ -83,10 +83,14 @@ type Container struct {
 	Kind      Kind
 	SandboxID string
 	Pod       PodRef
-	// Role is filled from the pod's annotations where they are known
-	// (Snapshot, Synced); events carry RoleSandbox or "" for containers.
-	Role       Role
-	Attempt    uint32 // kubelet's restart count, from CRI; 0 when unknown
+	// Role comes from the pod's meshagent.io/sidecars annotation (read
+	// through CRI). It is "" only in events for a container whose sandbox
+	// CRI did not know when the container appeared.
+	Role Role
+	// Attempt is kubelet's restart count for this container name, from CRI.
+	// Only Snapshot, Pod and Synced fill it (CRI registers a container after
+	// containerd announces it); other events carry 0.
+	Attempt    uint32
 	StopSignal string // image stop signal if containerd recorded one
 	CreatedAt  time.Time
 
