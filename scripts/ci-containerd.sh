@@ -209,13 +209,14 @@ start_daemon() {
 	fi
 	write_config
 	log "starting $inst ($lane) on $SOCK, log $LOG"
-	local start=$SECONDS
+	local start
+	start=$(date +%s%N)
 	# setsid + redirected stdio: the daemon must not hold CI's pipes open.
 	PATH=$BIN_PATH setsid containerd --config "$CONF" </dev/null >>"$LOG" 2>&1 &
 	echo $! >"$PIDFILE"
 	for _ in $(seq 1 300); do
 		if answering; then
-			log "$inst answering after $((SECONDS - start))s"
+			log "$inst answering after $((($(date +%s%N) - start) / 1000000))ms"
 			return 0
 		fi
 		daemon_pid >/dev/null || { tail -n 30 "$LOG" >&2; die "$inst: containerd exited during start"; }
