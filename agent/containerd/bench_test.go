@@ -31,6 +31,7 @@ func BenchmarkDiscovery(b *testing.B) {
 		b.Run(lane.Arg, func(b *testing.B) {
 			sock := critest.Socket(b, lane)
 			rt := critest.Connect(b, sock)
+			dir := podDir(b.TempDir()) // ready files are per container name; unused here
 			// Four at a time: faster setup without starving the daemon.
 			var wg sync.WaitGroup
 			sem := make(chan struct{}, 4)
@@ -46,7 +47,7 @@ func BenchmarkDiscovery(b *testing.B) {
 					pod, err := rt.RunPod(ctx, critest.PodSpec{
 						Name:        critest.UniqueName("bench"),
 						Annotations: map[string]string{containerd.AnnotationSidecars: "proxy"},
-						Containers:  []critest.ContainerSpec{sidecarSpec("proxy", nil), appSpec("app")},
+						Containers:  []critest.ContainerSpec{dir.sidecar("proxy", nil), dir.app("app")},
 					})
 					if err != nil {
 						errs <- err

@@ -133,16 +133,65 @@ func cmdline(pid uint32) string {
 	return strings.TrimRight(string(b), "\x00")
 }
 
-func sidecarSpec(name string, env map[string]string) critest.ContainerSpec {
-	e := map[string]string{"SIDECAR_PORT": "0"} // any free port: pods share the host network
+// waitCmdline waits until pid runs want: a task counts as running from `runc
+// start`, a moment before runc init executes the container's program.
+func waitCmdline(t *testing.T, pid uint32, want string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for cmdline(pid) != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d runs %q, want %q", pid, cmdline(pid), want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// podDir is a host folder mounted at /out in every test container; the test
+// programs announce there that they are up (with signal handling in place),
+// so a test never signals a process that is still starting.
+type podDir string
+
+func newPodDir(t *testing.T) podDir { return podDir(t.TempDir()) }
+
+func (d podDir) mount() []*runtimeapi.Mount {
+	return []*runtimeapi.Mount{{ContainerPath: "/out", HostPath: string(d)}}
+}
+
+func (d podDir) sidecar(name string, env map[string]string) critest.ContainerSpec {
+	e := map[string]string{
+		"SIDECAR_PORT":       "0", // any free port: pods share the host network
+		"SIDECAR_READY_FILE": "/out/" + name + ".ready",
+	}
 	for k, v := range env {
 		e[k] = v
 	}
-	return critest.ContainerSpec{Name: name, Image: testimages.Sidecar, Env: e}
+	return critest.ContainerSpec{Name: name, Image: testimages.Sidecar, Env: e, Mounts: d.mount()}
 }
 
-func appSpec(name string) critest.ContainerSpec {
-	return critest.ContainerSpec{Name: name, Image: testimages.App}
+func (d podDir) app(name string) critest.ContainerSpec {
+	return critest.ContainerSpec{
+		Name: name, Image: testimages.App, Mounts: d.mount(),
+		Env: map[string]string{"APP_START_FILE": "/out/" + name + ".start", "APP_NAME": name},
+	}
+}
+
+// waitUp waits until the named containers have announced themselves.
+func (d podDir) waitUp(t *testing.T, names ...string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for _, n := range names {
+		for {
+			_, errReady := os.Stat(filepath.Join(string(d), n+".ready"))
+			_, errStart := os.Stat(filepath.Join(string(d), n+".start"))
+			if errReady == nil || errStart == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("container %s never announced itself in %s", n, d)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
 }
 
 // TestDiscoverExistingPods: pods running before the client exists are found
@@ -154,13 +203,15 @@ func TestDiscoverExistingPods(t *testing.T) {
 			critest.CheckLeaks(t)
 			sock := critest.Socket(t, lane)
 			rt := critest.Connect(t, sock)
+			dir := newPodDir(t)
 			meshed := rt.StartPod(t, critest.PodSpec{
 				Name:        "meshed",
 				Namespace:   "shop",
 				Annotations: map[string]string{containerd.AnnotationSidecars: "proxy"},
-				Containers:  []critest.ContainerSpec{sidecarSpec("proxy", nil), appSpec("app")},
+				Containers:  []critest.ContainerSpec{dir.sidecar("proxy", nil), dir.app("app")},
 			})
-			plain := rt.StartPod(t, critest.PodSpec{Name: "plain", Containers: []critest.ContainerSpec{appSpec("app")}})
+			plain := rt.StartPod(t, critest.PodSpec{Name: "plain", Containers: []critest.ContainerSpec{newPodDir(t).app("app")}})
+			dir.waitUp(t, "proxy", "app")
 
 			c := newClient(t, sock)
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -175,7 +226,7 @@ func TestDiscoverExistingPods(t *testing.T) {
 			require.NotNil(t, p.Sandbox)
 			assert.Equal(t, meshed.SandboxID, p.Sandbox.ID)
 			assert.Equal(t, containerd.StatusRunning, p.Sandbox.Status)
-			assert.Equal(t, "/pause", cmdline(p.Sandbox.PID))
+			waitCmdline(t, p.Sandbox.PID, "/pause")
 			require.Len(t, p.Containers, 2)
 			for i, want := range []struct {
 				name, id, cmd string
@@ -190,7 +241,7 @@ func TestDiscoverExistingPods(t *testing.T) {
 				assert.Equal(t, want.role, got.Role, got.Name)
 				assert.Equal(t, containerd.KindContainer, got.Kind)
 				assert.Equal(t, containerd.StatusRunning, got.Status, got.Name)
-				assert.Equal(t, want.cmd, cmdline(got.PID), "pid %d of %s", got.PID, got.Name)
+				assert.Equal(t, want.cmd, cmdline(got.PID), "pid %d of %s (up, so past runc init)", got.PID, got.Name)
 			}
 
 			pp, ok := findPod(pods, plain.SandboxID)
@@ -231,10 +282,11 @@ func TestEventsReportedOnce(t *testing.T) {
 
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
+			dir := newPodDir(t)
 			pod, err := rt.RunPod(ctx, critest.PodSpec{
 				Name:        critest.UniqueName("events"),
 				Annotations: map[string]string{containerd.AnnotationSidecars: "proxy"},
-				Containers:  []critest.ContainerSpec{sidecarSpec("proxy", nil), appSpec("app")},
+				Containers:  []critest.ContainerSpec{dir.sidecar("proxy", nil), dir.app("app")},
 			})
 			require.NoError(t, err)
 			removed := false
@@ -254,6 +306,7 @@ func TestEventsReportedOnce(t *testing.T) {
 				return e.Kind == containerd.TaskStarted && e.Container.ID == appID
 			})
 			assert.Equal(t, containerd.RoleApp, app.Container.Role)
+			dir.waitUp(t, "proxy", "app")
 			assert.Equal(t, "/app", cmdline(app.Container.PID))
 
 			require.NoError(t, rt.StopContainer(ctx, appID, 10*time.Second))
@@ -262,6 +315,9 @@ func TestEventsReportedOnce(t *testing.T) {
 			})
 			assert.Equal(t, uint32(0), exit.Container.ExitStatus, "the app exits 0 on SIGTERM")
 			assert.Equal(t, app.Container.PID, exit.Container.PID)
+			st, err := rt.RS.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: appID})
+			require.NoError(t, err)
+			assert.Equal(t, st.Status.ExitCode, int32(exit.Container.ExitStatus), "event and CRI disagree on the exit code")
 
 			require.NoError(t, rt.RemovePod(ctx, pod))
 			removed = true
@@ -291,15 +347,17 @@ func TestStopContainer(t *testing.T) {
 			critest.CheckLeaks(t)
 			sock := critest.Socket(t, lane)
 			rt := critest.Connect(t, sock)
+			dir := newPodDir(t)
 			pod := rt.StartPod(t, critest.PodSpec{
 				Name:        "stop",
 				Annotations: map[string]string{containerd.AnnotationSidecars: "polite,stubborn"},
 				Containers: []critest.ContainerSpec{
-					sidecarSpec("polite", nil),
-					sidecarSpec("stubborn", map[string]string{"SIDECAR_IGNORE_TERM": "1"}),
-					appSpec("app"),
+					dir.sidecar("polite", nil),
+					dir.sidecar("stubborn", map[string]string{"SIDECAR_IGNORE_TERM": "1"}),
+					dir.app("app"),
 				},
 			})
+			dir.waitUp(t, "polite", "stubborn", "app")
 			c := newClient(t, sock)
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
@@ -363,11 +421,13 @@ func TestContainerdRestart(t *testing.T) {
 			critest.CheckLeaks(t)
 			d := critest.StartDaemon(t, lane)
 			rt := critest.Connect(t, d.Socket)
+			dir := newPodDir(t)
 			pod := rt.StartPod(t, critest.PodSpec{
 				Name:        "restart",
 				Annotations: map[string]string{containerd.AnnotationSidecars: "proxy"},
-				Containers:  []critest.ContainerSpec{sidecarSpec("proxy", nil), appSpec("app")},
+				Containers:  []critest.ContainerSpec{dir.sidecar("proxy", nil), dir.app("app")},
 			})
+			dir.waitUp(t, "proxy", "app")
 			c := newClient(t, d.Socket,
 				containerd.WithBackoff(50*time.Millisecond, 500*time.Millisecond),
 				containerd.WithResync(200*time.Millisecond, 300*time.Millisecond))
@@ -390,7 +450,7 @@ func TestContainerdRestart(t *testing.T) {
 			// Live events flow again: kubelet would now restart the app.
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
-			app2 := appSpec("app")
+			app2 := newPodDir(t).app("app")
 			app2.Attempt = 1
 			newID, err := rt.StartContainer(ctx, pod, app2)
 			require.NoError(t, err)

@@ -101,9 +101,12 @@ func shortID(id string) string {
 // It is pure: no I/O, one goroutine.
 type tracker struct {
 	known map[string]*Container
+	ended map[string]map[uint32]bool // container id → pids of earlier tasks
 }
 
-func newTracker() *tracker { return &tracker{known: map[string]*Container{}} }
+func newTracker() *tracker {
+	return &tracker{known: map[string]*Container{}, ended: map[string]map[uint32]bool{}}
+}
 
 // created records a container seen being created.
 func (tr *tracker) created(c Container, at time.Time) []Event {
@@ -116,37 +119,53 @@ func (tr *tracker) created(c Container, at time.Time) []Event {
 }
 
 // started records a task start of pid. A start of a pid already reported
-// (started or exited) is old news.
+// (started or exited), now or in an earlier incarnation, is old news.
 func (tr *tracker) started(id string, pid uint32, at time.Time) []Event {
 	c, ok := tr.known[id]
-	if !ok {
+	if !ok || tr.ended[id][pid] {
 		return nil
 	}
 	if c.PID == pid && (c.Status == StatusRunning || c.Status == StatusStopped || c.Status == StatusPaused) {
 		return nil
 	}
 	var evs []Event
-	if c.PID != 0 && c.PID != pid && c.Status == StatusRunning {
-		// A new incarnation while the old one was never seen exiting.
-		evs = append(evs, tr.exit(c, UnknownExitStatus, at, false))
+	if c.PID != 0 && c.PID != pid {
+		if c.Status == StatusRunning || c.Status == StatusPaused {
+			// A new incarnation while the old one was never seen exiting.
+			evs = append(evs, tr.exit(c, UnknownExitStatus, at, false))
+		}
+		tr.retire(id, c.PID)
 	}
 	c.PID, c.Status, c.ExitStatus, c.ExitedAt = pid, StatusRunning, 0, time.Time{}
 	return append(evs, Event{Kind: TaskStarted, Container: *c, Time: at})
 }
 
-// exited records the exit of pid.
+// retire remembers that pid was an earlier incarnation of container id, so
+// late events about it are dropped. (CRI never starts a second task in a
+// container, so this stays tiny.)
+func (tr *tracker) retire(id string, pid uint32) {
+	if tr.ended[id] == nil {
+		tr.ended[id] = map[uint32]bool{}
+	}
+	tr.ended[id][pid] = true
+}
+
+// exited records the exit of pid (0: the current task, pid unknown).
 func (tr *tracker) exited(id string, pid uint32, status uint32, exitedAt, at time.Time) []Event {
 	c, ok := tr.known[id]
-	if !ok {
+	if !ok || tr.ended[id][pid] {
 		return nil
 	}
-	if c.Status == StatusStopped && (c.PID == pid || pid == 0) {
+	if pid != 0 && c.PID != 0 && c.PID != pid && c.Status != StatusNone {
+		return nil // not the incarnation we know: stale
+	}
+	if c.Status == StatusStopped {
 		return nil
 	}
 	if c.Status == StatusNone && c.PID == 0 && pid == 0 {
 		return nil
 	}
-	if c.PID != pid && pid != 0 {
+	if pid != 0 {
 		c.PID = pid
 	}
 	c.Status, c.ExitStatus, c.ExitedAt = StatusStopped, status, exitedAt
@@ -181,6 +200,7 @@ func (tr *tracker) deleted(id string, at time.Time) []Event {
 		return nil
 	}
 	delete(tr.known, id)
+	delete(tr.ended, id)
 	var evs []Event
 	if c.Status == StatusRunning || c.Status == StatusPaused {
 		evs = append(evs, tr.exit(c, UnknownExitStatus, at, false))
@@ -220,13 +240,14 @@ func (tr *tracker) reconcile(l listing, at time.Time) []Event {
 			mark(tr.started(lc.ID, lc.PID, at))
 			c.Status = lc.Status
 		case StatusCreated:
-			if c.Status == StatusRunning && c.PID != lc.PID {
-				mark([]Event{tr.exit(c, UnknownExitStatus, at, true)})
-			}
-			tr.taskCreated(lc.ID, lc.PID)
-			if c.Status == StatusStopped && c.PID != lc.PID {
+			if c.PID != 0 && c.PID != lc.PID {
+				if c.Status == StatusRunning || c.Status == StatusPaused {
+					mark([]Event{tr.exit(c, UnknownExitStatus, at, true)})
+				}
+				tr.retire(lc.ID, c.PID)
 				c.PID, c.Status = lc.PID, StatusCreated
 			}
+			tr.taskCreated(lc.ID, lc.PID)
 		case StatusStopped:
 			if c.Status != StatusStopped || c.PID != lc.PID {
 				if c.Status == StatusNone || c.Status == StatusCreated || c.PID != lc.PID {

@@ -132,6 +132,27 @@ func TestTrackerReconcile(t *testing.T) {
 			want:   []string{"task-exited c1 10 exit=-1 r", "task-started c1 20 r"},
 		},
 		{
+			name:   "late events of an earlier task are dropped",
+			before: []Container{ctr("c1", StatusRunning, 10)},
+			list:   []Container{ctr("c1", StatusRunning, 20)},
+			after: func(tr *tracker) []Event {
+				evs := tr.started("c1", 10, now)
+				evs = append(evs, tr.exited("c1", 10, 0, now, now)...)
+				return append(evs, tr.started("c1", 20, now)...)
+			},
+			want: []string{"task-exited c1 10 exit=-1 r", "task-started c1 20 r"},
+		},
+		{
+			name:   "new task created while away, then started live",
+			before: []Container{ctr("c1", StatusRunning, 10)},
+			list:   []Container{ctr("c1", StatusCreated, 20)},
+			after: func(tr *tracker) []Event {
+				evs := tr.exited("c1", 10, 0, now, now)
+				return append(evs, tr.started("c1", 20, now)...)
+			},
+			want: []string{"task-exited c1 10 exit=-1 r", "task-started c1 20"},
+		},
+		{
 			name:   "started and exited while away",
 			before: []Container{ctr("c1", StatusNone, 0)},
 			list:   []Container{{ID: "c1", Kind: KindContainer, SandboxID: "sb", Status: StatusStopped, PID: 30, ExitStatus: 0}},

@@ -2,7 +2,8 @@
 //
 // At start it appends one line "<unix-nanoseconds> <hostname-or-APP_NAME>" to
 // APP_START_FILE (if set; tests mount a host directory there), so a test can
-// tell when, and how many times, the app was started. Then it runs until
+// tell when, and how many times, the app was started; the line is written
+// after its SIGTERM handling is set up. Then it runs until
 // SIGTERM, or exits with APP_EXIT_CODE (default 0) after APP_EXIT_AFTER (a Go
 // duration) if that is set, which is how a Job's app finishes.
 package main

@@ -7,14 +7,19 @@
 //	POST /hang   stop answering /ready with 200 (a hung proxy)
 //
 // SIDECAR_IGNORE_TERM=1 makes it ignore SIGTERM, so a stop needs SIGKILL after
-// the grace period. Otherwise SIGTERM exits 0 at once.
+// the grace period. Otherwise SIGTERM exits 0 at once. With SIDECAR_PORT=0 it
+// picks a free port. If SIDECAR_READY_FILE is set, it writes the port it
+// listens on there once it accepts connections (its signal handling is set
+// up by then too), so tests know when and where it is ready.
 package main
 
 import (
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -66,6 +71,29 @@ func run() error {
 		hung.Store(true)
 		fmt.Fprintln(w, "hung")
 	})
-	fmt.Printf("sidecar: listening on :%s after %s\n", port, delay)
-	return http.ListenAndServe(":"+port, mux)
+	ln, err := net.Listen("tcp", ":"+port)
+	if err != nil {
+		return fmt.Errorf("listen on :%s: %w", port, err)
+	}
+	actual := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+	fmt.Printf("sidecar: listening on :%s after %s\n", actual, delay)
+	if path := os.Getenv("SIDECAR_READY_FILE"); path != "" {
+		if err := writeFileAtomic(path, actual+"\n"); err != nil {
+			return err
+		}
+	}
+	return http.Serve(ln, mux)
+}
+
+// writeFileAtomic writes path via a rename, so a reader never sees it half
+// written.
+func writeFileAtomic(path, data string) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(data), 0o644); err != nil {
+		return fmt.Errorf("write SIDECAR_READY_FILE: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("write SIDECAR_READY_FILE: %w", err)
+	}
+	return nil
 }
