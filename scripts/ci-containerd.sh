@@ -116,10 +116,9 @@ build_images() {
 	(cd "$REPO" && go run ./internal/testimages/build -out "$IMAGES" >/dev/null)
 }
 
-write_config() {
-	mkdir -p "$RUN/state" "$ROOT" "$RUN/cni/bin" "$RUN/cni/conf" "$RUN/nri/plugins" "$RUN/nri/conf.d"
+render_config() {
 	if [[ $lane == v2 ]]; then
-		cat >"$CONF.tmp" <<EOF
+		cat <<EOF
 version = 3
 root = '$ROOT'
 state = '$RUN/state'
@@ -135,6 +134,8 @@ state = '$RUN/state'
 [plugins.'io.containerd.cri.v1.runtime']
   # Root here lacks CAP_SYS_RESOURCE: never ask for a score below our own.
   restrict_oom_score_adj = true
+  # Stock Debian kernels enable AppArmor, but apparmor_parser may be missing.
+  disable_apparmor = true
   [plugins.'io.containerd.cri.v1.runtime'.cni]
     bin_dirs = ['$RUN/cni/bin']
     conf_dir = '$RUN/cni/conf'
@@ -153,7 +154,7 @@ state = '$RUN/state'
   plugin_request_timeout = '2s'
 EOF
 	else
-		cat >"$CONF.tmp" <<EOF
+		cat <<EOF
 version = 2
 root = '$ROOT'
 state = '$RUN/state'
@@ -164,6 +165,7 @@ state = '$RUN/state'
 [plugins.'io.containerd.grpc.v1.cri']
   sandbox_image = '$PAUSE_IMAGE'
   restrict_oom_score_adj = true
+  disable_apparmor = true
   stream_server_address = '127.0.0.1'
   stream_server_port = '0'
   [plugins.'io.containerd.grpc.v1.cri'.containerd]
@@ -176,6 +178,11 @@ state = '$RUN/state'
   path = '$ROOT/opt'
 EOF
 	fi
+}
+
+write_config() {
+	mkdir -p "$RUN/state" "$ROOT" "$RUN/cni/bin" "$RUN/cni/conf" "$RUN/nri/plugins" "$RUN/nri/conf.d"
+	render_config >"$CONF.tmp"
 	mv "$CONF.tmp" "$CONF"
 }
 
@@ -196,9 +203,14 @@ daemon_pid() {
 
 start_daemon() {
 	local pid
-	if pid=$(daemon_pid) && [[ $(readlink "/proc/$pid/exe") == *" (deleted)" ]]; then
-		log "$inst: containerd binary was rebuilt; restarting"
-		stop_daemon
+	if pid=$(daemon_pid); then
+		if [[ $(readlink "/proc/$pid/exe") == *" (deleted)" ]]; then
+			log "$inst: containerd binary was rebuilt; restarting"
+			stop_daemon
+		elif ! render_config | cmp -s - "$CONF"; then
+			log "$inst: configuration changed; restarting"
+			stop_daemon
+		fi
 	fi
 	if answering; then
 		log "$inst already answering on $SOCK"
@@ -250,6 +262,11 @@ import_images() {
 }
 
 destroy() {
+	# The daemon must be up to reap its tasks; bring it back if it is down
+	# (a test may have stopped it), else its containers would run on.
+	if [[ -f $CONF ]] && ! answering; then
+		start_daemon || log "$inst: cannot start containerd to clean up; killing what is left"
+	fi
 	if answering; then
 		local ids
 		ids=$(CTR tasks ls -q 2>/dev/null || true)
