@@ -32,6 +32,9 @@ V2_VERSION=v2.2.9
 V2_BIN=$CACHE/containerd-$V2_VERSION/bin
 IMAGES=$CACHE/images
 PAUSE_IMAGE=meshagent.test/pause:1
+CNI_BIN=/usr/lib/cni # Debian's containernetworking-plugins
+CNI_BRIDGE=meshci0
+CNI_SUBNET=10.88.0.0/16
 export PATH=/usr/local/go/bin:$PATH
 
 log() { echo "ci-containerd: $*" >&2; }
@@ -137,7 +140,7 @@ state = '$RUN/state'
   # Stock Debian kernels enable AppArmor, but apparmor_parser may be missing.
   disable_apparmor = true
   [plugins.'io.containerd.cri.v1.runtime'.cni]
-    bin_dirs = ['$RUN/cni/bin']
+    bin_dirs = ['$CNI_BIN']
     conf_dir = '$RUN/cni/conf'
 
 [plugins.'io.containerd.grpc.v1.cri']
@@ -171,7 +174,7 @@ state = '$RUN/state'
   [plugins.'io.containerd.grpc.v1.cri'.containerd]
     snapshotter = 'overlayfs'
   [plugins.'io.containerd.grpc.v1.cri'.cni]
-    bin_dir = '$RUN/cni/bin'
+    bin_dir = '$CNI_BIN'
     conf_dir = '$RUN/cni/conf'
 
 [plugins.'io.containerd.internal.v1.opt']
@@ -180,8 +183,36 @@ EOF
 	fi
 }
 
+# Pods that do not use the host network get their own network namespace on
+# one bridge shared by every instance (host-local IPAM locks its shared data
+# dir, so concurrent daemons never hand out the same address). No masquerade,
+# no port maps: nothing touches iptables. The host reaches pods through the
+# bridge's gateway address.
+render_cni() {
+	cat <<EOF
+{
+  "cniVersion": "0.4.0",
+  "name": "meshagent-ci",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "$CNI_BRIDGE",
+      "isGateway": true,
+      "ipMasq": false,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{"subnet": "$CNI_SUBNET"}]],
+        "dataDir": "/run/meshagent-ci/cni-ipam"
+      }
+    }
+  ]
+}
+EOF
+}
+
 write_config() {
-	mkdir -p "$RUN/state" "$ROOT" "$RUN/cni/bin" "$RUN/cni/conf" "$RUN/nri/plugins" "$RUN/nri/conf.d"
+	mkdir -p "$RUN/state" "$ROOT" "$RUN/cni/conf" "$RUN/nri/plugins" "$RUN/nri/conf.d"
+	render_cni >"$RUN/cni/conf/10-meshagent-ci.conflist"
 	render_config >"$CONF.tmp"
 	mv "$CONF.tmp" "$CONF"
 }
@@ -290,7 +321,7 @@ destroy() {
 
 case $action in
 start)
-	apt_install runc
+	apt_install runc containernetworking-plugins
 	if [[ $lane == v2 ]]; then build_v2; else apt_install containerd; fi
 	build_images
 	start_daemon

@@ -1,6 +1,7 @@
 package critest
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -87,6 +88,10 @@ type PodSpec struct {
 	CgroupParent string
 	// LogDir, if set, receives the containers' logs (<name>/<attempt>.log).
 	LogDir string
+	// PodNetwork gives the pod its own network namespace through CNI (a
+	// bridge set up by scripts/ci-containerd.sh); by default pods use the
+	// host network.
+	PodNetwork bool
 	// Containers are created and started in order, like spec.containers.
 	Containers []ContainerSpec
 }
@@ -118,6 +123,7 @@ type Pod struct {
 	Containers []Container
 
 	config *runtimeapi.PodSandboxConfig
+	netns  *runtimeapi.NamespaceOption
 }
 
 // Container is one started container of a Pod.
@@ -174,17 +180,25 @@ func (r *Runtime) RunPod(ctx context.Context, spec PodSpec) (_ *Pod, err error) 
 	for k, v := range spec.Annotations {
 		annotations[k] = v
 	}
+	netns, hostname := hostNetwork(), "" // no UTS namespace to name
+	if spec.PodNetwork {
+		netns = &runtimeapi.NamespaceOption{
+			Network: runtimeapi.NamespaceMode_POD,
+			Pid:     runtimeapi.NamespaceMode_CONTAINER,
+			Ipc:     runtimeapi.NamespaceMode_POD,
+		}
+		hostname = spec.Name
+	}
 	config := &runtimeapi.PodSandboxConfig{
-		Metadata: &runtimeapi.PodSandboxMetadata{Name: spec.Name, Namespace: spec.Namespace, Uid: spec.UID},
-		// Empty: a host-network sandbox has no UTS namespace to name.
-		Hostname:     "",
+		Metadata:     &runtimeapi.PodSandboxMetadata{Name: spec.Name, Namespace: spec.Namespace, Uid: spec.UID},
+		Hostname:     hostname,
 		LogDirectory: spec.LogDir,
 		Labels:       labels,
 		Annotations:  annotations,
 		Linux: &runtimeapi.LinuxPodSandboxConfig{
 			CgroupParent: spec.CgroupParent,
 			SecurityContext: &runtimeapi.LinuxSandboxSecurityContext{
-				NamespaceOptions: hostNetwork(),
+				NamespaceOptions: netns,
 			},
 		},
 	}
@@ -194,7 +208,7 @@ func (r *Runtime) RunPod(ctx context.Context, spec PodSpec) (_ *Pod, err error) 
 	}
 	pod := &Pod{
 		SandboxID: resp.PodSandboxId, Name: spec.Name, Namespace: spec.Namespace, UID: spec.UID,
-		CgroupParent: spec.CgroupParent, config: config,
+		CgroupParent: spec.CgroupParent, config: config, netns: netns,
 	}
 	defer func() {
 		if err != nil {
@@ -260,7 +274,7 @@ func (r *Runtime) CreateContainer(ctx context.Context, pod *Pod, cs ContainerSpe
 		Linux: &runtimeapi.LinuxContainerConfig{
 			Resources: res,
 			SecurityContext: &runtimeapi.LinuxContainerSecurityContext{
-				NamespaceOptions: hostNetwork(),
+				NamespaceOptions: cmp.Or(pod.netns, hostNetwork()),
 			},
 		},
 	}
@@ -420,4 +434,14 @@ func (r *Runtime) PID(ctx context.Context, id string) (int, error) {
 		return 0, fmt.Errorf("container %s: no pid in verbose info (not running?)", id)
 	}
 	return info.PID, nil
+}
+
+// PodIP returns the pod's IP address: the node's for a host-network pod
+// (empty), its own for a PodNetwork pod.
+func (r *Runtime) PodIP(ctx context.Context, pod *Pod) (string, error) {
+	resp, err := r.RS.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: pod.SandboxID})
+	if err != nil {
+		return "", fmt.Errorf("pod sandbox status %s/%s: %w", pod.Namespace, pod.Name, err)
+	}
+	return resp.GetStatus().GetNetwork().GetIp(), nil
 }
