@@ -21,7 +21,10 @@
 #            print the export lines the tests read (default instances)
 #
 # Runs as root on Debian 12 with Go at /usr/local/go; reaches only the Go
-# module proxy and Debian's archive. Binaries and images are cached under
+# module proxy and Debian's archive (runc, containernetworking-plugins, and
+# containerd for v1). Pods that do not use the host network are attached to a
+# bridge meshci0 (10.88.0.0/16, no NAT, no iptables; the bridge plugin turns
+# on net.ipv4.ip_forward). Binaries and images are cached under
 # $MESHAGENT_CI_CACHE (default /var/cache/meshagent-ci), so a second run is fast.
 set -euo pipefail
 
