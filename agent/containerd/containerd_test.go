@@ -519,3 +519,32 @@ func TestNewRejectsBadOptions(t *testing.T) {
 		})
 	}
 }
+
+// TestPodOfPID: the processes of a real pod map back to their container ids
+// and the pod's UID through their cgroups; the test's own process does not.
+func TestPodOfPID(t *testing.T) {
+	for _, lane := range lanes {
+		t.Run(lane.Arg, func(t *testing.T) {
+			critest.CheckLeaks(t)
+			sock := critest.Socket(t, lane)
+			rt := critest.Connect(t, sock)
+			dir := newPodDir(t)
+			pod := rt.StartPod(t, critest.PodSpec{Name: "peer", Containers: []critest.ContainerSpec{dir.sidecar("proxy", nil), dir.app("app")}})
+			c := newClient(t, sock)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			p, err := c.Pod(ctx, pod.SandboxID)
+			require.NoError(t, err)
+			require.NotNil(t, p.Sandbox)
+			for _, ct := range append([]containerd.Container{*p.Sandbox}, p.Containers...) {
+				ref, err := containerd.PodOfPID(int(ct.PID))
+				require.NoError(t, err, ct.Name)
+				assert.Equal(t, containerd.CgroupRef{PodUID: pod.UID, ContainerID: ct.ID}, ref, "pid %d of %q", ct.PID, ct.Name)
+			}
+			_, err = containerd.PodOfPID(os.Getpid())
+			assert.ErrorIs(t, err, containerd.ErrNotInPod)
+			_, err = containerd.PodOfPID(1 << 30)
+			assert.ErrorContains(t, err, "pid 1073741824")
+		})
+	}
+}
