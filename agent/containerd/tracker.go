@@ -68,7 +68,10 @@ type Event struct {
 	// taken.
 	Time time.Time
 	Pods []Pod // Synced only
-	Err  error // Disconnected only
+	// Err is, for Disconnected, why the stream broke; for Synced, the pods
+	// whose meshagent.io annotations do not parse (they are in Pods with
+	// every container an app).
+	Err error
 }
 
 func (e Event) String() string {
