@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -212,7 +213,7 @@ func needRealV1(t *testing.T) *Manager {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to create cgroups on the real cgroup fs")
 	}
-	m, err := Open(Options{})
+	m, err := Open(Options{Logger: testLogger(t)})
 	if err != nil {
 		t.Skipf("no cgroup fs at %s: %v", DefaultRoot, err)
 	}
@@ -303,4 +304,16 @@ func writeFile(t *testing.T, p, v string) {
 	if err := writeSmall(p, v); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// testLogger sends the Manager's log lines to the test log.
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(tlog{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type tlog struct{ t *testing.T }
+
+func (l tlog) Write(p []byte) (int, error) {
+	l.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
 }

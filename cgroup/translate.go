@@ -295,41 +295,39 @@ func bandwidth(v string) float64 {
 }
 
 // orderWrites puts writes in an order the kernel accepts at every step. On
-// v1 a child's quota may not exceed its parent's and on both versions burst
-// may not exceed quota. So: first every decrease, child before parent and
-// burst before quota; then the other knobs; then every increase, parent
-// before child and quota before burst. Each intermediate state then stays
-// within both the old and the new limits.
+// v1 a child's quota may not exceed its parent's, and on both versions burst
+// may not exceed quota. So the pod's quota goes first when it rises (its
+// children fit under the old value, hence under the new) and last when it
+// falls (the children are brought under the new value first); within one
+// group a falling quota is preceded by its burst, a rising one followed by
+// it. "Unlimited" counts as infinity. Other knobs follow.
 func orderWrites(ws []write) []write {
-	phase := func(w write) int {
-		switch w.Knob {
-		case KnobCPUQuota, KnobCPUBurst:
-			if bandwidth(w.Value) < bandwidth(w.Current) {
-				return 0
-			}
-			return 2
+	podFirst := true
+	for _, w := range ws {
+		if w.Container == "" && w.Knob == KnobCPUQuota && bandwidth(w.Value) < bandwidth(w.Current) {
+			podFirst = false
 		}
-		return 1
 	}
-	level := func(w write) int {
-		if w.Container == "" {
-			return 0
+	// Per group: does its quota fall?
+	falling := map[string]bool{}
+	for _, w := range ws {
+		if w.Knob == KnobCPUQuota && bandwidth(w.Value) < bandwidth(w.Current) {
+			falling[w.Container] = true
 		}
-		return 1
 	}
 	rank := func(w write) [3]int {
-		ph := phase(w)
-		knob := 0
-		if w.Knob == KnobCPUBurst {
+		if w.Knob != KnobCPUQuota && w.Knob != KnobCPUBurst {
+			return [3]int{1, 0, 0}
+		}
+		level := 0 // pod group first
+		if (w.Container == "") != podFirst {
+			level = 1
+		}
+		knob := 0 // quota first
+		if (w.Knob == KnobCPUBurst) != falling[w.Container] {
 			knob = 1
 		}
-		switch ph {
-		case 0: // decreases: child first, burst first
-			return [3]int{0, -level(w), -knob}
-		case 2: // increases: parent first, quota first
-			return [3]int{2, level(w), knob}
-		}
-		return [3]int{1, 0, 0}
+		return [3]int{0, level, knob}
 	}
 	out := append([]write(nil), ws...)
 	sort.SliceStable(out, func(i, j int) bool {
