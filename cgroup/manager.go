@@ -45,6 +45,10 @@ type Manager struct {
 	// applied remembers, per pod, the value of every file as meshagent last
 	// wrote or verified it; a later difference is drift (someone else wrote).
 	applied map[string]map[string]string
+
+	// afterMkdir, when set (tests only), lays out a v2 group directory
+	// created on a plain filesystem, where mkdir makes no knob files.
+	afterMkdir func(dir string)
 }
 
 // Open returns a Manager for the cgroup tree at opts.Root.
@@ -183,12 +187,23 @@ func (m *Manager) ensure(g Group) error {
 		}
 		return nil
 	}
-	mg, err := cgroup2.NewManager(m.root, "/"+s, &cgroup2.Resources{})
-	if err != nil {
-		return fmt.Errorf("create cgroup %s under %s: %w", s, m.root, err)
-	}
-	if err := mg.ToggleControllers([]string{"cpu", "memory"}, cgroup2.Enable); err != nil {
-		return fmt.Errorf("enable cpu and memory controllers above %s: %w", s, err)
+	// Level by level, so each new directory exists (and, in tests, is laid
+	// out) before its children's controllers are enabled in it.
+	parts := strings.Split(s, "/")
+	for i := range parts {
+		p := strings.Join(parts[:i+1], "/")
+		dir := filepath.Join(m.root, p)
+		fresh := !exists(dir)
+		mg, err := cgroup2.NewManager(m.root, "/"+p, &cgroup2.Resources{})
+		if err != nil {
+			return fmt.Errorf("create cgroup %s under %s: %w", p, m.root, err)
+		}
+		if fresh && m.afterMkdir != nil {
+			m.afterMkdir(dir)
+		}
+		if err := mg.ToggleControllers([]string{"cpu", "memory"}, cgroup2.Enable); err != nil {
+			return fmt.Errorf("enable cpu and memory controllers above %s: %w", p, err)
+		}
 	}
 	return nil
 }
