@@ -2,8 +2,6 @@ package cgroup
 
 import (
 	"bytes"
-	"errors"
-	"fmt"
 	"os"
 	"strconv"
 	"strings"
@@ -31,10 +29,10 @@ func readSmall(path string) (string, error) {
 		if err != nil {
 			return "", &os.PathError{Op: "read", Path: path, Err: err}
 		}
-		if r == 0 {
-			break
-		}
 		n += r
+		if r == 0 || n < len(buf) {
+			break // a short read is the end of a seq_file or proc file
+		}
 	}
 	return string(bytes.TrimSpace(buf[:n])), nil
 }
@@ -56,26 +54,6 @@ func writeSmall(path, value string) error {
 		return &os.PathError{Op: "close", Path: path, Err: cerr}
 	}
 	return nil
-}
-
-// readPids parses a cgroup.procs file. A missing file means an empty group.
-func readPids(path string) ([]int, error) {
-	b, err := os.ReadFile(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	var out []int
-	for _, f := range strings.Fields(string(b)) {
-		pid, err := strconv.Atoi(f)
-		if err != nil {
-			return nil, fmt.Errorf("parse %s: bad pid %q", path, f)
-		}
-		out = append(out, pid)
-	}
-	return out, nil
 }
 
 // readKV parses "key value" lines (cpu.stat, memory.events, memory.oom_control).

@@ -46,6 +46,8 @@ type Manager struct {
 	// wrote or verified it; a later difference is drift (someone else wrote).
 	applied map[string]map[string]string
 
+	files knobFiles
+
 	// afterMkdir, when set (tests only), lays out a v2 group directory
 	// created on a plain filesystem, where mkdir makes no knob files.
 	afterMkdir func(dir string)
@@ -101,10 +103,11 @@ var v1Controllers = []string{"cpu", "cpuacct", "memory"}
 // dir is the directory of g in the hierarchy that holds controller ("cpu",
 // "cpuacct", "memory"); on v2 every controller shares one directory.
 func (m *Manager) dir(controller string, g Group) string {
+	s := strings.Trim(string(g), "/")
 	if m.mode.v1() {
-		return filepath.Join(m.root, controller, string(g))
+		return m.root + "/" + controller + "/" + s
 	}
-	return filepath.Join(m.root, string(g))
+	return m.root + "/" + s
 }
 
 // dirs lists every directory that makes up g.
@@ -227,6 +230,7 @@ func (m *Manager) Remove(g Group) error {
 	}
 	var errs []error
 	for _, d := range m.dirs(Group(s)) {
+		m.files.forget(d)
 		if err := rmdirTree(d); err != nil {
 			errs = append(errs, err)
 		}
@@ -314,5 +318,5 @@ func (m *Manager) Procs(g Group) ([]int, error) {
 	if err != nil {
 		return nil, err
 	}
-	return readPids(filepath.Join(m.dir("memory", Group(s)), "cgroup.procs"))
+	return m.readProcs(filepath.Join(m.dir("memory", Group(s)), "cgroup.procs"))
 }

@@ -8,25 +8,34 @@ import (
 	"time"
 )
 
-// oomTrial runs one pod-level OOM: the app holds 40 MiB, the sidecar grows
-// until the pod's 64 MiB limit is hit. It returns who the kernel killed, as
+// oomTrial runs one pod-level OOM: the app holds 64 MiB, the sidecar grows
+// until the pod's 128 MiB limit is hit, so at the kill the app is the bigger
+// process (without policy the kernel picks it). The sidecar stops at 100 MiB,
+// which fits once the app is gone: exactly one process must die. It returns who the kernel killed, as
 // seen from the processes and as reported by the watcher.
 func oomTrial(t *testing.T, m *Manager, w *OOMWatcher, events <-chan OOMEvent, tg Target, sidecarAdj int) (killed string, reported string) {
 	t.Helper()
 	appFiles, _ := m.ProcsFiles(tg.Apps[0].Group)
 	sideFiles, _ := m.ProcsFiles(tg.Sidecar.Group)
 	appAdj := 0
-	app := startChild(t, Entry{ProcsFiles: appFiles, OOMScoreAdj: &appAdj}, "hold:40")
+	app := startChild(t, Entry{ProcsFiles: appFiles, OOMScoreAdj: &appAdj}, "hold:64")
 	app.waitLine(t, "ready", 20*time.Second)
-	side := startChild(t, Entry{ProcsFiles: sideFiles, OOMScoreAdj: &sidecarAdj}, "grow:200")
+	side := startChild(t, Entry{ProcsFiles: sideFiles, OOMScoreAdj: &sidecarAdj}, "grow:100")
 	side.waitLine(t, "ready", 20*time.Second)
 	select {
 	case <-app.done:
-		killed = "app"
 	case <-side.done:
-		killed = "sidecar"
 	case <-time.After(30 * time.Second):
 		t.Fatal("no OOM kill within 30s")
+	}
+	time.Sleep(100 * time.Millisecond) // would a second victim follow?
+	switch {
+	case app.exited() && side.exited():
+		t.Fatalf("both processes died (app: %v, sidecar: %v)", app.err, side.err)
+	case app.exited():
+		killed = "app"
+	default:
+		killed = "sidecar"
 	}
 	select {
 	case e := <-events:
@@ -54,7 +63,7 @@ func TestOOMKillsSidecarFirst(t *testing.T) {
 	m := needRealV1(t)
 	pod, pg, gs := testPod(t, m, "sidecar", "app")
 	tg := Target{Pod: pod, PodGroup: pg, Sidecar: Container{"sidecar", gs["sidecar"]},
-		Apps: []Container{{"app", gs["app"]}}, OwnPod: true, PodMemoryLimit: 64 << 20}
+		Apps: []Container{{"app", gs["app"]}}, OwnPod: true, PodMemoryLimit: 128 << 20}
 	if _, err := m.Apply(context.Background(), tg); err != nil {
 		t.Fatal(err)
 	}

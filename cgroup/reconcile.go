@@ -90,7 +90,7 @@ func (m *Manager) observe(t Target) (Observed, error) {
 		return obs, fmt.Errorf("container %s: %w", t.Sidecar.Name, err)
 	}
 	pf := l.file(KnobCPUPeriod, t.PodGroup)
-	s, err := readSmall(pf)
+	s, err := m.readKnob(pf)
 	if err != nil {
 		return obs, fmt.Errorf("read cpu period: %w", err)
 	}
@@ -103,13 +103,13 @@ func (m *Manager) observe(t Target) (Observed, error) {
 		}
 		obs.PodPeriod = p
 	}
-	obs.SidecarPIDs, err = readPids(filepath.Join(m.dir("memory", t.Sidecar.Group), "cgroup.procs"))
+	obs.SidecarPIDs, err = m.readProcs(filepath.Join(m.dir("memory", t.Sidecar.Group), "cgroup.procs"))
 	if err != nil {
 		return obs, fmt.Errorf("container %s: list processes: %w", t.Sidecar.Name, err)
 	}
 	first := true
 	for _, a := range t.Apps {
-		pids, err := readPids(filepath.Join(m.dir("memory", a.Group), "cgroup.procs"))
+		pids, err := m.readProcs(filepath.Join(m.dir("memory", a.Group), "cgroup.procs"))
 		if err != nil {
 			return obs, fmt.Errorf("container %s: list processes: %w", a.Name, err)
 		}
@@ -143,7 +143,7 @@ func (m *Manager) Plan(ctx context.Context, targets []Target) []PodPlan {
 			continue
 		}
 		for _, s := range want {
-			cur, err := readSmall(s.File)
+			cur, err := m.readKnob(s.File)
 			if err != nil {
 				cur = "<" + errString(err) + ">"
 			}
@@ -168,6 +168,8 @@ func errString(err error) string {
 // other pods go on. Pods missing from targets are forgotten.
 func (m *Manager) Reconcile(ctx context.Context, targets []Target) Result {
 	var res Result
+	m.files.startPass()
+	defer m.files.endPass()
 	seen := make(map[string]bool, len(targets))
 	for _, t := range targets {
 		if err := ctx.Err(); err != nil {
@@ -211,7 +213,7 @@ func (m *Manager) Apply(ctx context.Context, t Target) (Result, error) {
 	now := make(map[string]string, len(want))
 	var ws []write
 	for _, s := range want {
-		cur, err := readSmall(s.File)
+		cur, err := m.readKnob(s.File)
 		if err != nil {
 			if s.Knob == KnobOOMScoreAdj && (errors.Is(err, unix.ESRCH) || errors.Is(err, os.ErrNotExist)) {
 				continue // the process exited

@@ -3,7 +3,6 @@ package cgroup
 import (
 	"fmt"
 	"math"
-	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -233,31 +232,33 @@ type layout struct {
 }
 
 func (l layout) file(k Knob, g Group) string {
+	// Plain concatenation: groups are validated (clean, relative) before
+	// they get here, and this runs thousands of times per pass.
 	s := strings.Trim(string(g), "/")
 	if l.mode.v1() {
 		switch k {
 		case KnobCPUPeriod:
-			return filepath.Join(l.root, "cpu", s, "cpu.cfs_period_us")
+			return l.root + "/cpu/" + s + "/cpu.cfs_period_us"
 		case KnobCPUQuota:
-			return filepath.Join(l.root, "cpu", s, "cpu.cfs_quota_us")
+			return l.root + "/cpu/" + s + "/cpu.cfs_quota_us"
 		case KnobCPUBurst:
-			return filepath.Join(l.root, "cpu", s, "cpu.cfs_burst_us")
+			return l.root + "/cpu/" + s + "/cpu.cfs_burst_us"
 		case KnobCPUShares:
-			return filepath.Join(l.root, "cpu", s, "cpu.shares")
+			return l.root + "/cpu/" + s + "/cpu.shares"
 		case KnobMemoryMax:
-			return filepath.Join(l.root, "memory", s, "memory.limit_in_bytes")
+			return l.root + "/memory/" + s + "/memory.limit_in_bytes"
 		}
 		return ""
 	}
 	switch k {
 	case KnobCPUPeriod, KnobCPUQuota:
-		return filepath.Join(l.root, s, "cpu.max")
+		return l.root + "/" + s + "/cpu.max"
 	case KnobCPUBurst:
-		return filepath.Join(l.root, s, "cpu.max.burst")
+		return l.root + "/" + s + "/cpu.max.burst"
 	case KnobCPUShares:
-		return filepath.Join(l.root, s, "cpu.weight")
+		return l.root + "/" + s + "/cpu.weight"
 	case KnobMemoryMax:
-		return filepath.Join(l.root, s, "memory.max")
+		return l.root + "/" + s + "/memory.max"
 	}
 	return ""
 }

@@ -24,6 +24,7 @@ func fakeV2(t *testing.T) (*Manager, string) {
 		t.Fatalf("detected %s for a v2 tree", m.Mode())
 	}
 	m.afterMkdir = func(dir string) { seedV2(t, dir) }
+	t.Cleanup(func() { m.Close() })
 	return m, root
 }
 
