@@ -119,6 +119,7 @@ type child struct {
 	stdout *bufio.Reader
 	done   chan struct{}
 	err    error
+	ended  time.Time // when Wait returned
 }
 
 // startChild starts role through the shim path: it joins entry's groups
@@ -147,6 +148,7 @@ func startChild(t *testing.T, entry Entry, role string) *child {
 	go func() {
 		// Wait needs stdout drained first; the role's output is small.
 		c.err = cmd.Wait()
+		c.ended = time.Now()
 		close(c.done)
 	}()
 	t.Cleanup(c.kill)
