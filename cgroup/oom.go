@@ -114,6 +114,13 @@ func (w *OOMWatcher) Add(pod string, podGroup Group, containers []Container) (er
 	if _, err := podGroup.clean(); err != nil {
 		return fmt.Errorf("oom watch pod %s: %w", pod, err)
 	}
+	w.mu.Lock()
+	closed := w.closed
+	w.mu.Unlock()
+	if closed {
+		// The epoll fd number may already belong to someone else.
+		return fmt.Errorf("oom watch pod %s: watcher closed", pod)
+	}
 	w.Remove(pod)
 	p := &oomPod{name: pod}
 	defer func() {

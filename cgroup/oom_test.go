@@ -142,3 +142,40 @@ func TestOOMKillsSidecarFirst(t *testing.T) {
 		t.Errorf("sidecar stats count %d OOM kills over the 10 trials, want 10", st.OOMKills-before.OOMKills)
 	}
 }
+
+func TestOOMWatcherAddRemove(t *testing.T) {
+	checkLeaks(t)
+	m := needRealV1(t)
+	pod, pg, gs := testPod(t, m, "sidecar")
+	w, err := m.NewOOMWatcher()
+	if err != nil {
+		t.Fatal(err)
+	}
+	missing := Container{"app", Group(string(pg) + "/missing")}
+	if err := w.Add(pod, pg, []Container{{"sidecar", gs["sidecar"]}, missing}); err == nil ||
+		!strings.Contains(err.Error(), "pod "+pod+" container app") {
+		t.Fatalf("Add with a missing group: %v, want an error naming pod and container", err)
+	}
+	if err := w.Add(pod, "../x", nil); err == nil {
+		t.Fatal("Add with a bad pod group succeeded")
+	}
+	for i := 0; i < 3; i++ { // re-adding replaces, without leaking eventfds
+		if err := w.Add(pod, pg, []Container{{"sidecar", gs["sidecar"]}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx, make(chan OOMEvent)) }()
+	w.Remove(pod)
+	w.Remove("never-added")
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	w.Close()
+	if err := w.Add(pod, pg, nil); err == nil {
+		t.Fatal("Add after Close succeeded")
+	}
+}
