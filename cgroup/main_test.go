@@ -137,21 +137,30 @@ func startChild(t *testing.T, entry Entry, role string) *child {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := cmd.StdoutPipe()
+	// A pipe of our own rather than StdoutPipe: Wait (in the goroutine
+	// below) closes StdoutPipe's read end, which could lose output that
+	// was written just before the child exited.
+	pr, pw, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
+	cmd.Stdout = pw
 	if err := cmd.Start(); err != nil {
+		pr.Close()
+		pw.Close()
 		t.Fatal(err)
 	}
-	c := &child{cmd: cmd, stdin: stdin, stdout: bufio.NewReader(out), done: make(chan struct{})}
+	pw.Close()
+	c := &child{cmd: cmd, stdin: stdin, stdout: bufio.NewReader(pr), done: make(chan struct{})}
 	go func() {
-		// Wait needs stdout drained first; the role's output is small.
 		c.err = cmd.Wait()
 		c.ended = time.Now()
 		close(c.done)
 	}()
-	t.Cleanup(c.kill)
+	t.Cleanup(func() {
+		c.kill()
+		pr.Close()
+	})
 	return c
 }
 
