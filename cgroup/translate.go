@@ -82,6 +82,16 @@ const minQuota = 1000
 
 const pageSize = 4096
 
+// Translate turns a target and the observed values into the settings
+// meshagent wants, for a tree at root in the given mode. It does no I/O, so
+// a policy can be checked (e.g. by `meshagent ctl plan`) without a host.
+func Translate(root string, mode Mode, t Target, obs Observed) ([]Setting, error) {
+	if mode == ModeAuto {
+		return nil, fmt.Errorf("pod %s: translate needs a concrete cgroup mode", t.Pod)
+	}
+	return translate(strings.TrimRight(root, "/"), mode, t, obs)
+}
+
 // translate turns a target and what is observed into settings. It does no
 // I/O: root and mode only build file names. The order of the result is
 // canonical, not the write order (see orderWrites).
