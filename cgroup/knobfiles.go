@@ -110,8 +110,9 @@ func (k *knobFiles) endPass() {
 func (k *knobFiles) forget(dir string) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	prefix := dir + "/"
 	for p, e := range k.open {
-		if strings.HasPrefix(p, dir+"/") {
+		if strings.HasPrefix(p, prefix) {
 			unix.Close(e.fd)
 			delete(k.open, p)
 		}

@@ -238,9 +238,10 @@ func (m *Manager) Remove(g Group) error {
 	// Forget what was applied under the group so a re-created group is
 	// applied fresh, not counted as drift.
 	m.mu.Lock()
+	inside := "/" + s + "/"
 	for pod, files := range m.applied {
 		for f := range files {
-			if strings.Contains(f, "/"+s+"/") {
+			if strings.Contains(f, inside) {
 				delete(files, f)
 			}
 		}

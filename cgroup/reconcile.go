@@ -232,8 +232,8 @@ func (m *Manager) Apply(ctx context.Context, t Target) (Result, error) {
 			return fail(err)
 		}
 		if err := m.write(w); err != nil {
-			if w.Knob == KnobOOMScoreAdj && errors.Is(err, os.ErrNotExist) {
-				continue
+			if w.Knob == KnobOOMScoreAdj && (errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH)) {
+				continue // the process exited since it was listed
 			}
 			m.remember(t.Pod, now)
 			return fail(err)
@@ -267,9 +267,8 @@ func (m *Manager) remember(pod string, files map[string]string) {
 func (m *Manager) write(w write) error {
 	var err error
 	if w.Knob == KnobOOMScoreAdj {
-		pid, _ := strconv.Atoi(strings.Split(strings.TrimPrefix(w.File, "/proc/"), "/")[0])
-		v, _ := strconv.Atoi(w.Value)
-		err = SetOOMScoreAdj(pid, v)
+		v, _ := strconv.Atoi(w.Value) // translate formatted it
+		err = SetOOMScoreAdj(w.PID, v)
 	} else {
 		err = writeSmall(w.File, w.Value)
 	}

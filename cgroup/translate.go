@@ -66,6 +66,7 @@ type Setting struct {
 	Knob      Knob
 	File      string
 	Value     string
+	PID       int // the process, for KnobOOMScoreAdj
 }
 
 func (s Setting) where() string {
@@ -211,7 +212,7 @@ func translate(root string, mode Mode, t Target, obs Observed) ([]Setting, error
 	sort.Ints(pids)
 	for _, pid := range pids {
 		out = append(out, Setting{Pod: t.Pod, Container: t.Sidecar.Name, Knob: KnobOOMScoreAdj,
-			File: oomPath(pid), Value: strconv.Itoa(adj)})
+			File: oomPath(pid), Value: strconv.Itoa(adj), PID: pid})
 	}
 	return out, nil
 }
