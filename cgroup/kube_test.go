@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"testing"
+	"time"
 )
 
 func TestKubeLayout(t *testing.T) {
@@ -112,5 +113,45 @@ func TestKubeRefOfPID(t *testing.T) {
 	// This test process is not in a pod.
 	if _, err := KubeRefOfPID("", os.Getpid()); !errors.Is(err, ErrNotKube) {
 		t.Fatalf("own pid: %v, want ErrNotKube", err)
+	}
+}
+
+// A process placed in a kubelet-shaped group on the real cgroup fs is
+// traced back to its pod and container from /proc/PID/cgroup.
+func TestKubeRefOfRealProcess(t *testing.T) {
+	checkLeaks(t)
+	m := needRealV1(t)
+	top := podName(t) + "-kube"
+	t.Cleanup(func() {
+		if err := m.Remove(Group(top)); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	for _, l := range []KubeLayout{
+		{Parent: top + "/kubepods"},
+		{Driver: DriverSystemd, Parent: top + "/kubepods.slice"},
+	} {
+		t.Run(l.Driver.String(), func(t *testing.T) {
+			const uid = "6b1c2d3e-0000-4000-8000-00000000abcd"
+			const id = "d00dfeed"
+			g, err := l.ContainerGroup(QoSBurstable, uid, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := m.ensure(g); err != nil {
+				t.Fatal(err)
+			}
+			files, _ := m.ProcsFiles(g)
+			c := startChild(t, Entry{ProcsFiles: files}, "hold:0")
+			c.waitLine(t, "ready", 20*time.Second)
+			ref, err := KubeRefOfPID("", c.cmd.Process.Pid)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ref.PodUID != uid || ref.ContainerID != id || ref.QoS != QoSBurstable || ref.Driver != l.Driver || ref.Group != g {
+				t.Fatalf("KubeRefOfPID = %+v, want pod %s container %s in %s", ref, uid, id, g)
+			}
+			c.kill()
+		})
 	}
 }

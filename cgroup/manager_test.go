@@ -199,3 +199,30 @@ func TestEntryRoundTrip(t *testing.T) {
 		t.Fatalf("EnterSelf(missing) error = %v", err)
 	}
 }
+
+func TestStatsMemoryUsage(t *testing.T) {
+	checkLeaks(t)
+	m := needRealV1(t)
+	_, _, gs := testPod(t, m, "app")
+	files, _ := m.ProcsFiles(gs["app"])
+	c := startChild(t, Entry{ProcsFiles: files}, "hold:32")
+	c.waitLine(t, "ready", 20*time.Second)
+	st, err := m.Stats(gs["app"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.MemoryUsage < 32<<20 || st.MemoryUsage > 256<<20 {
+		t.Fatalf("memory usage %d bytes with 32 MiB held", st.MemoryUsage)
+	}
+	if st.CPUUsageNanos == 0 {
+		t.Fatal("cpu usage 0 after a process started in the group")
+	}
+	procs, err := m.Procs(gs["app"])
+	if err != nil || len(procs) != 1 || procs[0] != c.cmd.Process.Pid {
+		t.Fatalf("Procs = %v, %v; want [%d]", procs, err, c.cmd.Process.Pid)
+	}
+	c.kill()
+	if _, err := m.Stats("meshagent/none-such"); err == nil {
+		t.Fatal("Stats of a missing group succeeded")
+	}
+}
