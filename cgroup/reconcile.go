@@ -18,7 +18,13 @@ type PodError struct {
 	Err error
 }
 
-func (e *PodError) Error() string { return "pod " + e.Pod + ": " + e.Err.Error() }
+func (e *PodError) Error() string {
+	msg := e.Err.Error()
+	if strings.HasPrefix(msg, "pod "+e.Pod+":") || strings.HasPrefix(msg, "pod "+e.Pod+" ") {
+		return msg // already says which pod
+	}
+	return "pod " + e.Pod + ": " + msg
+}
 func (e *PodError) Unwrap() error { return e.Err }
 
 // Correction is one write meshagent made.

@@ -237,3 +237,18 @@ func TestPlanWritesNothing(t *testing.T) {
 		}
 	}
 }
+
+func TestPodErrorNamesPodOnce(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{&PodError{Pod: "web", Err: errors.New("read cpu period: boom")}, "pod web: read cpu period: boom"},
+		{&PodError{Pod: "web", Err: errors.New("pod web container envoy: bad")}, "pod web container envoy: bad"},
+		{&PodError{Pod: "web", Err: errors.New("pod webby: bad")}, "pod web: pod webby: bad"},
+	} {
+		if got := tc.err.Error(); got != tc.want {
+			t.Errorf("Error() = %q, want %q", got, tc.want)
+		}
+	}
+}
