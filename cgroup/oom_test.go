@@ -12,11 +12,11 @@ import (
 
 // oomTrial runs one pod-level OOM: the app holds 64 MiB, the sidecar grows
 // until the pod's 128 MiB limit is hit, so at the kill the app is the bigger
-// process (without policy the kernel picks it). It returns which process
-// the kernel killed first, whether the other survived, and the containers
-// the watcher named (sorted; one scan may see both counters move, so its
-// order is not the kill order).
-func oomTrial(t *testing.T, m *Manager, events <-chan OOMEvent, tg Target, sidecarAdj int) (first string, otherAlive bool, reported string) {
+// process (without policy the kernel picks it). The sidecar stops at 100 MiB,
+// which fits once the app's memory is freed. It returns which processes the
+// OOM killer killed and the containers the watcher named (sorted; one scan
+// may see several counters move, so its order is not the kill order).
+func oomTrial(t *testing.T, m *Manager, events <-chan OOMEvent, tg Target, sidecarAdj int) (appKilled, sideKilled bool, reported string) {
 	t.Helper()
 	appFiles, _ := m.ProcsFiles(tg.Apps[0].Group)
 	sideFiles, _ := m.ProcsFiles(tg.Sidecar.Group)
@@ -43,8 +43,7 @@ func oomTrial(t *testing.T, m *Manager, events <-chan OOMEvent, tg Target, sidec
 			t.Fatal("watcher reported no OOM kill within 5s")
 		}
 	}
-	// Collect any second victim (the sidecar stops at 100 MiB, which fits
-	// once the app's memory is freed, so normally there is none).
+	// Collect the events of any further kill.
 	linger := time.After(300 * time.Millisecond)
 	for done := false; !done; {
 		select {
@@ -54,25 +53,20 @@ func oomTrial(t *testing.T, m *Manager, events <-chan OOMEvent, tg Target, sidec
 			done = true
 		}
 	}
+	var names []string
 	for _, e := range got {
 		if e.Pod != tg.Pod || e.Kills != 1 {
 			t.Errorf("OOM event %+v, want one kill in pod %s", e, tg.Pod)
 		}
-	}
-	dead, other := side, app
-	first = "sidecar"
-	if app.exited() && (!side.exited() || app.ended.Before(side.ended)) {
-		dead, other, first = app, side, "app"
-	}
-	if !dead.killedBy(syscall.SIGKILL) {
-		t.Errorf("%s ended with %v, want SIGKILL from the OOM killer", first, dead.err)
-	}
-	var names []string
-	for _, e := range got {
 		names = append(names, e.Container)
 	}
 	sort.Strings(names)
-	return first, !other.exited(), strings.Join(names, ",")
+	for _, c := range []*child{app, side} {
+		if c.exited() && !c.killedBy(syscall.SIGKILL) {
+			t.Errorf("child %d ended with %v, want SIGKILL from the OOM killer or still running", c.cmd.Process.Pid, c.err)
+		}
+	}
+	return app.exited(), side.exited(), strings.Join(names, ",")
 }
 
 func TestOOMKillsSidecarFirst(t *testing.T) {
@@ -104,12 +98,14 @@ func TestOOMKillsSidecarFirst(t *testing.T) {
 	}()
 
 	// Control: no policy (both at 0), the app is the bigger process and is
-	// killed first.
+	// killed. (The sidecar, still allocating while the app's memory is being
+	// freed, may be killed after it; that does not change the point.)
 	t.Run("control", func(t *testing.T) {
-		first, _, reported := oomTrial(t, m, events, tg, 0)
-		if first != "app" || !strings.Contains(reported, "app") {
-			t.Fatalf("without policy the kernel killed %s first (watcher: %s), want the app: the control must show the problem", first, reported)
+		appKilled, sideKilled, reported := oomTrial(t, m, events, tg, 0)
+		if !appKilled || !strings.Contains(reported, "app") {
+			t.Fatalf("without policy the app was not OOM-killed (sidecar killed: %v, watcher: %s): the control must show the problem", sideKilled, reported)
 		}
+		t.Logf("control: app killed; sidecar killed too: %v; watcher: %s", sideKilled, reported)
 	})
 	before, err := m.Stats(tg.Sidecar.Group)
 	if err != nil {
@@ -119,9 +115,9 @@ func TestOOMKillsSidecarFirst(t *testing.T) {
 	adj := SidecarOOMScoreAdj(0)
 	for i := 1; i <= 10; i++ {
 		t.Run(fmt.Sprintf("trial%d", i), func(t *testing.T) {
-			first, appAlive, reported := oomTrial(t, m, events, tg, adj)
-			if first != "sidecar" || !appAlive || reported != "sidecar" {
-				t.Fatalf("with policy the kernel killed %s first (app alive: %v, watcher: %s), want the sidecar killed and the app alive", first, appAlive, reported)
+			appKilled, sideKilled, reported := oomTrial(t, m, events, tg, adj)
+			if !sideKilled || appKilled || reported != "sidecar" {
+				t.Fatalf("with policy: sidecar killed %v, app killed %v, watcher %q; want only the sidecar killed", sideKilled, appKilled, reported)
 			}
 			// The supervisor restarts the sidecar at once: the new process
 			// is confined and first in line again.
