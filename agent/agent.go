@@ -33,6 +33,8 @@ type Agent struct {
 	ready      chan struct{}
 
 	ops // operations: switches, metrics, reload, inspections, systemd (ops.go)
+
+	kube *kubeSupervisor // Kubernetes mode, nil without node.kubernetes (kube_agent.go)
 }
 
 // Option configures an Agent.
@@ -84,6 +86,9 @@ func New(cfg *Config, opts ...Option) (*Agent, error) {
 	if a.rt == nil {
 		a.rt = &HostRuntime{LogDir: filepath.Join(cfg.Node.StateDir, "logs")}
 	}
+	if err := a.initKube(); err != nil {
+		return nil, err
+	}
 	return a, nil
 }
 
@@ -118,6 +123,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer stopMetrics()
+
+	stopKube, err := a.startKube()
+	if err != nil {
+		return err
+	}
+	defer stopKube()
 
 	a.podsCtx, a.podsCancel = context.WithCancel(context.Background())
 	defer a.podsCancel()
@@ -263,14 +274,14 @@ func (a *Agent) Pods() []PodStatus {
 	for _, r := range a.runners() {
 		out = append(out, r.status())
 	}
-	return out
+	return append(out, a.kubePods()...)
 }
 
 // Pod returns one pod's status.
 func (a *Agent) Pod(name string) (PodStatus, error) {
 	r := a.runner(name)
 	if r == nil {
-		return PodStatus{}, fmt.Errorf("pod %q: %w", name, ErrNotFound)
+		return a.kubePod(name)
 	}
 	return r.status(), nil
 }
@@ -280,7 +291,7 @@ func (a *Agent) Pod(name string) (PodStatus, error) {
 func (a *Agent) RestartContainer(ctx context.Context, pod, container, cause string) error {
 	r := a.runner(pod)
 	if r == nil {
-		return fmt.Errorf("pod %q: %w", pod, ErrNotFound)
+		return a.kubeRestart(pod, container, cause)
 	}
 	if r.spec.Container(container) == nil {
 		return fmt.Errorf("pod %q container %q: %w", pod, container, ErrNotFound)

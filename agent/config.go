@@ -44,6 +44,9 @@ type Node struct {
 	MetricsAddr string `yaml:"metricsAddr" json:"metricsAddr"`
 	// Inspect holds the thresholds of `meshagent ctl inspect`.
 	Inspect InspectPolicy `yaml:"inspect" json:"inspect"`
+	// Kubernetes, when set, also supervises the node's Kubernetes pods
+	// through containerd (kube_config.go).
+	Kubernetes *KubeConfig `yaml:"kubernetes" json:"kubernetes,omitempty"`
 }
 
 // InspectPolicy holds the thresholds of the node inspections.
@@ -358,6 +361,9 @@ func (c *Config) setDefaults() {
 	if n.Inspect.FSMaxUsedPercent == 0 {
 		n.Inspect.FSMaxUsedPercent = 90
 	}
+	if n.Kubernetes != nil {
+		n.Kubernetes.setDefaults()
+	}
 	for i := range c.Pods {
 		c.Pods[i].setDefaults()
 	}
@@ -454,6 +460,11 @@ func (c *Config) Validate() error {
 	}
 	if p := c.Node.Inspect.FSMaxUsedPercent; p < 0 || p > 100 {
 		add("node.inspect.fsMaxUsedPercent", "want 1 to 100, got %d", p)
+	}
+	if k := c.Node.Kubernetes; k != nil {
+		if err := k.validate(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	pods := map[string]bool{}
 	for i := range c.Pods {

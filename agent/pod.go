@@ -314,4 +314,6 @@ type PodStatus struct {
 	Name       string            `json:"name"`
 	Phase      Phase             `json:"phase"`
 	Containers []ContainerStatus `json:"containers"`
+	// Kubernetes is set for a Kubernetes pod (Name is then namespace/name).
+	Kubernetes *KubePodInfo `json:"kubernetes,omitempty"`
 }

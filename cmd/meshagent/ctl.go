@@ -94,9 +94,15 @@ func cmdCtl(args []string, stdout io.Writer) error {
 		if err := need(1, "POD/CONTAINER"); err != nil {
 			return err
 		}
-		pod, container, ok := strings.Cut(rest[0], "/")
-		if !ok || pod == "" || container == "" {
-			return fmt.Errorf("ctl restart: want POD/CONTAINER, got %q", rest[0])
+		// NAMESPACE/POD/CONTAINER for a Kubernetes pod: the container is
+		// after the last slash.
+		i := strings.LastIndex(rest[0], "/")
+		pod, container := "", ""
+		if i >= 0 {
+			pod, container = rest[0][:i], rest[0][i+1:]
+		}
+		if pod == "" || container == "" || strings.Count(rest[0], "/") > 2 {
+			return fmt.Errorf("ctl restart: want POD/CONTAINER or NAMESPACE/POD/CONTAINER, got %q", rest[0])
 		}
 		if err := c.Restart(ctx, pod, container); err != nil {
 			return err

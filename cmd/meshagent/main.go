@@ -2,6 +2,8 @@
 //
 //	meshagent run --config FILE     supervise the pods of FILE
 //	meshagent ctl ...               talk to a running agent
+//	meshagent gate [--probe]        postStart hook: wait for this pod's sidecars
+//	meshagent hold                  preStop hook: wait for this pod's apps to exit
 //	meshagent version
 package main
 
@@ -39,6 +41,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdRun(args[1:], stderr)
 	case "ctl":
 		err = cmdCtl(args[1:], stdout)
+	case "gate":
+		err = cmdGate(args[1:], stdout, stderr) // gate.go
+	case "hold":
+		err = cmdHold(args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "meshagent", version)
 	case "help", "-h", "--help":
@@ -70,8 +76,10 @@ func (e exitError) Error() string { return fmt.Sprintf("exit %d", int(e)) }
 func usage(w io.Writer) {
 	fmt.Fprint(w, `usage:
   meshagent run --config FILE
-  meshagent ctl [--socket PATH] [--json] pods | pod NAME | restart POD/CONTAINER | restart-pod POD | events [--pod NAME]
+  meshagent ctl [--socket PATH] [--json] pods | pod NAME | restart [NAMESPACE/]POD/CONTAINER | restart-pod POD | events [--pod NAME]
   meshagent ctl [--socket PATH] [--json] switch list | switch set NAME on|off | reload | inspect | metrics
+  meshagent gate [--socket PATH] [--probe] [--json] [--agent-wait D] [--no-agent open|closed]
+  meshagent hold [--socket PATH] [--json]
   meshagent version
 `)
 }

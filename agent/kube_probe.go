@@ -1,0 +1,136 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"runtime"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/meshagent/meshagent/startup"
+)
+
+// Readiness of a Kubernetes sidecar is checked by the agent itself, from the
+// node, inside the pod's network namespace: the probe's socket is created
+// on an OS thread that has joined the namespace of the pod's sandbox (setns).
+// Why not the pod IP: proxies bind their admin and readiness ports to the
+// pod's loopback (Envoy's 127.0.0.1:15000), which no address outside the pod
+// reaches; host-network pods have no IP of their own; and the namespace works
+// for both without knowing anything about the CNI. The namespace is held
+// open by fd for the life of the probe, so a recycled pid cannot redirect it.
+
+// netns is a network namespace held open by fd.
+type netns struct {
+	f    *os.File
+	host bool // the agent's own namespace: no setns needed
+}
+
+// openNetns opens the network namespace of pid.
+func openNetns(pid uint32) (*netns, error) {
+	path := "/proc/" + strconv.FormatUint(uint64(pid), 10) + "/ns/net"
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("network namespace of pid %d: %w", pid, err)
+	}
+	var target, own unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &target); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("network namespace %s: %w", path, err)
+	}
+	host := unix.Stat("/proc/self/ns/net", &own) == nil && own.Ino == target.Ino && own.Dev == target.Dev
+	return &netns{f: f, host: host}, nil
+}
+
+func (n *netns) Close() error { return n.f.Close() }
+
+// dial connects to addr from inside the namespace. Only the socket's
+// creation needs the namespace (a socket belongs to the namespace it was
+// created in), but net.Dialer creates and connects in one call, so the whole
+// dial runs on a thread locked into the namespace. The thread is released
+// back to the scheduler only if it could be moved back to the agent's own
+// namespace; otherwise it dies with its goroutine.
+func (n *netns) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	var d net.Dialer
+	if n.host {
+		return d.DialContext(ctx, network, addr)
+	}
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		own, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: fmt.Errorf("own network namespace: %w", err)}
+			return
+		}
+		defer own.Close()
+		if err := unix.Setns(int(n.f.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: fmt.Errorf("setns %s: %w", n.f.Name(), err)}
+			return
+		}
+		c, err := d.DialContext(ctx, network, addr)
+		if unix.Setns(int(own.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+		ch <- result{c, err}
+	}()
+	r := <-ch
+	return r.c, r.err
+}
+
+// probeTarget is where a container's checks go.
+type probeTarget struct {
+	ns  *netns // the pod's network namespace
+	pid uint32 // the container's process, for unix and exec checks
+}
+
+// newKubeProbe returns the startup.Probe of spec for target.
+func newKubeProbe(spec kubeProbeSpec, t probeTarget) (startup.Probe, error) {
+	switch spec.Kind {
+	case "tcp":
+		return nsTCP{ns: t.ns, addr: spec.Addr}, nil
+	case "http":
+		client := &http.Client{
+			Transport: &http.Transport{DialContext: t.ns.dial, DisableKeepAlives: true, Proxy: nil},
+			CheckRedirect: func(*http.Request, []*http.Request) error {
+				return http.ErrUseLastResponse
+			},
+		}
+		return startup.HTTP{URL: "http://" + spec.Addr + spec.Path, Client: client}, nil
+	case "unix":
+		// The container's root as the node sees it; connect(2) follows the
+		// magic link into the container's mount namespace.
+		return startup.Unix{Path: "/proc/" + strconv.FormatUint(uint64(t.pid), 10) + "/root" + spec.Path}, nil
+	case "exec":
+		pid := strconv.FormatUint(uint64(t.pid), 10)
+		cmd := append([]string{"nsenter", "--target", pid, "--mount", "--uts", "--ipc", "--net", "--pid", "--"}, spec.Cmd...)
+		return startup.Exec{Command: cmd}, nil
+	}
+	return nil, errors.New("unknown probe kind " + spec.Kind)
+}
+
+// nsTCP is a TCP connect check inside a network namespace.
+type nsTCP struct {
+	ns   *netns
+	addr string
+}
+
+func (p nsTCP) Check(ctx context.Context) error {
+	c, err := p.ns.dial(ctx, "tcp", p.addr)
+	if err != nil {
+		return fmt.Errorf("tcp %s: %w", p.addr, err)
+	}
+	return c.Close()
+}
+
+func (p nsTCP) String() string { return "tcp " + p.addr + " (pod network)" }
