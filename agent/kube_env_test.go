@@ -147,24 +147,27 @@ func (e *kubeEnv) podSpec(name string, delay time.Duration, ann map[string]strin
 	for k, v := range ann {
 		annotations[k] = v
 	}
-	return critest.PodSpec{
-		Name: name, PodNetwork: true, Annotations: annotations,
-		Containers: []critest.ContainerSpec{
-			{
-				Name: "proxy", Image: testimages.Sidecar,
-				Env: map[string]string{
-					"SIDECAR_PORT": "15021", "SIDECAR_DELAY": delay.String(),
-					"SIDECAR_READY_FILE": podOutDir + "/ready",
-				},
-				Mounts: e.mounts(out),
+	return critest.PodSpec{Name: name, PodNetwork: true, Annotations: annotations, Containers: e.podContainers(out, delay)}, out
+}
+
+// podContainers are the sidecar "proxy" and the app "app" of a test pod;
+// out is the host folder mounted at podOutDir.
+func (e *kubeEnv) podContainers(out string, delay time.Duration) []critest.ContainerSpec {
+	return []critest.ContainerSpec{
+		{
+			Name: "proxy", Image: testimages.Sidecar,
+			Env: map[string]string{
+				"SIDECAR_PORT": "15021", "SIDECAR_DELAY": delay.String(),
+				"SIDECAR_READY_FILE": podOutDir + "/ready",
 			},
-			{
-				Name: "app", Image: testimages.App,
-				Env:    map[string]string{"APP_START_FILE": podOutDir + "/app-start"},
-				Mounts: e.mounts(out),
-			},
+			Mounts: e.mounts(out),
 		},
-	}, out
+		{
+			Name: "app", Image: testimages.App,
+			Env:    map[string]string{"APP_START_FILE": podOutDir + "/app-start"},
+			Mounts: e.mounts(out),
+		},
+	}
 }
 
 func (e *kubeEnv) mounts(out string) []*runtimeapi.Mount {

@@ -47,10 +47,10 @@ func TestParseKubeProbe(t *testing.T) {
 func TestParseKubePolicy(t *testing.T) {
 	def := defaultKubePolicy()
 	for _, tc := range []struct {
-		name string
-		ann  map[string]string
+		name  string
+		ann   map[string]string
 		check func(t *testing.T, p kubePolicy)
-		errs []string // substrings, each naming the bad key
+		errs  []string // substrings, each naming the bad key
 	}{
 		{name: "defaults", ann: nil, check: func(t *testing.T, p kubePolicy) {
 			assert.Equal(t, def, p)
