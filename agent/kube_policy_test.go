@@ -1,12 +1,17 @@
 package agent
 
 import (
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.yaml.in/yaml/v3"
 )
 
 func TestParseKubeProbe(t *testing.T) {
@@ -139,4 +144,57 @@ func TestKubeConfig(t *testing.T) {
 			tc.check(t, c.Node.Kubernetes)
 		})
 	}
+}
+
+// TestDeployManifests: the DaemonSet's config loads, and every pod template
+// of the example parses without a bad annotation.
+func TestDeployManifests(t *testing.T) {
+	docs := func(path string) []map[string]any {
+		t.Helper()
+		f, err := os.Open(path)
+		require.NoError(t, err)
+		defer f.Close()
+		dec := yaml.NewDecoder(f)
+		var out []map[string]any
+		for {
+			var d map[string]any
+			if err := dec.Decode(&d); errors.Is(err, io.EOF) {
+				return out
+			} else if err != nil {
+				t.Fatalf("%s: %v", path, err)
+			}
+			out = append(out, d)
+		}
+	}
+	var config string
+	for _, d := range docs("../deploy/kubernetes/daemonset.yaml") {
+		if d["kind"] == "ConfigMap" {
+			config = d["data"].(map[string]any)["config.yaml"].(string)
+		}
+	}
+	require.NotEmpty(t, config, "daemonset.yaml has no ConfigMap with config.yaml")
+	c, err := ParseConfig([]byte(config))
+	require.NoError(t, err)
+	require.NotNil(t, c.Node.Kubernetes)
+	assert.Equal(t, DefaultGateSocket, c.Node.Kubernetes.GateSocket)
+	assert.NotEqual(t, filepath.Dir(c.Node.AdminSocket), filepath.Dir(c.Node.Kubernetes.GateSocket),
+		"the admin socket must not sit in the folder shared with pods")
+
+	n := 0
+	for _, d := range docs("../deploy/kubernetes/example-pod.yaml") {
+		meta := d["metadata"].(map[string]any)
+		if d["kind"] == "Job" {
+			meta = d["spec"].(map[string]any)["template"].(map[string]any)["metadata"].(map[string]any)
+		}
+		ann := map[string]string{}
+		for k, v := range meta["annotations"].(map[string]any) {
+			ann[k] = v.(string)
+		}
+		p, err := parseKubePolicy(ann)
+		require.NoError(t, err, "%s %v", d["kind"], meta["name"])
+		assert.NotEmpty(t, p.Sidecars)
+		assert.NotEmpty(t, p.Readiness)
+		n++
+	}
+	assert.Equal(t, 3, n)
 }
