@@ -41,6 +41,7 @@ type kubeRuntime interface {
 	Run(ctx context.Context, handle func(containerd.Event)) error
 	StopContainer(ctx context.Context, id string, sig syscall.Signal, grace time.Duration) error
 	SandboxAnnotations(ctx context.Context, sandboxID string) (annotations, labels map[string]string, err error)
+	ContainerExit(ctx context.Context, id string) (exited bool, code int32, err error)
 }
 
 // Kubernetes event types, besides the host mode's (EvRestart, EvHang,
@@ -135,6 +136,10 @@ func (s *kubeSupervisor) handle(ctx context.Context, e containerd.Event) {
 			ann = a
 		} // else: CRI does not know the sandbox yet; the next container or Synced tells
 	}
+	var exits map[string]int32
+	if e.Kind == containerd.Synced {
+		exits = s.taskless(ctx, e.Pods)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	defer s.broadcast()
@@ -168,13 +173,39 @@ func (s *kubeSupervisor) handle(ctx context.Context, e containerd.Event) {
 			s.deleted(p, kc)
 		}
 	case containerd.Synced:
-		s.resynced(ctx, e)
+		s.resynced(ctx, e, exits)
 	case containerd.Disconnected:
 		if !s.down {
 			s.down = true
 			s.record(Event{Type: EvContainerd, Reason: fmt.Sprintf("event stream lost, reconnecting: %v", e.Err)})
 		}
 	}
+}
+
+// taskless asks CRI about the containers a listing found without a task
+// that the model does not already know as exited: have they exited (and
+// been reaped) or not started yet? Called without s.mu.
+func (s *kubeSupervisor) taskless(ctx context.Context, pods []containerd.Pod) map[string]int32 {
+	var ids []string
+	s.mu.Lock()
+	for _, pod := range pods {
+		for _, c := range pod.Containers {
+			if c.Status != containerd.StatusNone {
+				continue
+			}
+			if _, kc := s.find(c.ID); kc != nil && kc.status == containerd.StatusNone {
+				ids = append(ids, c.ID)
+			}
+		}
+	}
+	s.mu.Unlock()
+	exits := map[string]int32{}
+	for _, id := range ids {
+		if exited, code, err := s.rt.ContainerExit(ctx, id); err == nil && exited {
+			exits[id] = code
+		}
+	}
+	return exits
 }
 
 func (s *kubeSupervisor) needAnnotations(sandboxID string) bool {
@@ -325,7 +356,7 @@ func (s *kubeSupervisor) deleted(p *kubePod, kc *kubeContainer) {
 // resynced takes what a listing says about pods: their annotations (the
 // first sync discovers pods that existed before the agent) and kubelet's
 // restart counts; pods that are gone are forgotten.
-func (s *kubeSupervisor) resynced(ctx context.Context, e containerd.Event) {
+func (s *kubeSupervisor) resynced(ctx context.Context, e containerd.Event, exits map[string]int32) {
 	if s.down {
 		s.down = false
 		s.record(Event{Type: EvContainerd, Reason: "event stream back; resynchronised"})
@@ -344,8 +375,16 @@ func (s *kubeSupervisor) resynced(ctx context.Context, e containerd.Event) {
 			s.setAnnotations(p, pod.Annotations)
 		}
 		for _, c := range pod.Containers {
-			if _, kc := s.find(c.ID); kc != nil && int(c.Attempt) > kc.restarts {
+			_, kc := s.find(c.ID)
+			if kc == nil {
+				continue
+			}
+			if int(c.Attempt) > kc.restarts {
 				kc.restarts = int(c.Attempt)
+			}
+			if code, ok := exits[c.ID]; ok && kc.status == containerd.StatusNone {
+				// Exited and reaped before we looked: CRI keeps the exit.
+				kc.status, kc.exit, kc.exitCause = containerd.StatusStopped, uint32(code), "exited before the agent looked"
 			}
 		}
 		s.reconcile(ctx, p)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -24,10 +25,17 @@ import (
 // for both without knowing anything about the CNI. The namespace is held
 // open by fd for the life of the probe, so a recycled pid cannot redirect it.
 
-// netns is a network namespace held open by fd.
+// netns is a network namespace held open by fd. A dial may outlive the
+// probe that started it (net/http finishes a dial in the background after
+// its request was cancelled), so the fd is closed by whoever lets go of it
+// last: never while a thread may still setns with it.
 type netns struct {
 	f    *os.File
 	host bool // the agent's own namespace: no setns needed
+
+	mu     sync.Mutex
+	users  int
+	closed bool
 }
 
 // openNetns opens the network namespace of pid.
@@ -46,7 +54,35 @@ func openNetns(pid uint32) (*netns, error) {
 	return &netns{f: f, host: host}, nil
 }
 
-func (n *netns) Close() error { return n.f.Close() }
+// Close lets go of the namespace; the fd closes once no dial uses it.
+func (n *netns) Close() error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.closed = true
+	if n.users == 0 {
+		return n.f.Close()
+	}
+	return nil
+}
+
+func (n *netns) acquire() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return false
+	}
+	n.users++
+	return true
+}
+
+func (n *netns) release() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.users--
+	if n.closed && n.users == 0 {
+		n.f.Close()
+	}
+}
 
 // dial connects to addr from inside the namespace. Only the socket's
 // creation needs the namespace (a socket belongs to the namespace it was
@@ -59,12 +95,16 @@ func (n *netns) dial(ctx context.Context, network, addr string) (net.Conn, error
 	if n.host {
 		return d.DialContext(ctx, network, addr)
 	}
+	if !n.acquire() {
+		return nil, errors.New("probe stopped: network namespace closed")
+	}
 	type result struct {
 		c   net.Conn
 		err error
 	}
 	ch := make(chan result, 1)
 	go func() {
+		defer n.release()
 		runtime.LockOSThread()
 		own, err := os.Open("/proc/thread-self/ns/net")
 		if err != nil {

@@ -23,3 +23,16 @@ func (c *Client) SandboxAnnotations(ctx context.Context, sandboxID string) (anno
 	}
 	return ann, st.GetLabels(), nil
 }
+
+// ContainerExit asks CRI whether container id has exited and with which
+// code. CRI deletes an exited container's task from containerd once it has
+// recorded the exit, so a listing finds such a container without a task
+// (StatusNone), which by itself also fits one that never started.
+func (c *Client) ContainerExit(ctx context.Context, id string) (exited bool, code int32, err error) {
+	resp, err := c.cri.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: id})
+	if err != nil {
+		return false, 0, fmt.Errorf("containerd %s: cri container status %s: %w", c.address, id, err)
+	}
+	st := resp.GetStatus()
+	return st.GetState() == runtimeapi.ContainerState_CONTAINER_EXITED, st.GetExitCode(), nil
+}
