@@ -289,8 +289,11 @@ func (s *kubeSupervisor) created(p *kubePod, c containerd.Container, e container
 	kc.role = p.roleOf(c.Name)
 	prev := p.latest(c.Name)
 	p.ctrs = append(p.ctrs, kc)
-	if prev == nil || e.Resync {
-		// A restart we did not witness: its count comes from CRI (Synced).
+	if prev == nil || (e.Resync && !s.synced.IsOpen()) {
+		// Before the first sync completes, incarnations are history from
+		// before the agent started: their count comes from CRI (Synced).
+		// A resync after a reconnect, though, reports restarts that
+		// happened while the stream was down.
 		return
 	}
 	kc.restarts = max(kc.restarts, prev.restarts+1)
@@ -298,10 +301,11 @@ func (s *kubeSupervisor) created(p *kubePod, c containerd.Container, e container
 	if cause == "" {
 		cause = "unknown"
 	}
-	s.record(Event{
-		Type: EvRestart, Pod: p.ref.String(), Container: c.Name, Reason: cause,
-		Fields: map[string]string{"cause": cause, "restartCount": strconv.Itoa(kc.restarts), "role": string(kc.role)},
-	})
+	fields := map[string]string{"cause": cause, "restartCount": strconv.Itoa(kc.restarts), "role": string(kc.role)}
+	if e.Resync {
+		fields["seen"] = "resync"
+	}
+	s.record(Event{Type: EvRestart, Pod: p.ref.String(), Container: c.Name, Reason: cause, Fields: fields})
 }
 
 // exited records a task's exit and why it happened.

@@ -286,6 +286,18 @@ func TestKubeRestartAlone(t *testing.T) {
 	assert.Equal(t, CauseOperator, restarts[1].Fields["cause"])
 	assert.Equal(t, "2", restarts[1].Fields["restartCount"])
 
+	// A crash (killed from the node) is kubelet's restart; the agent
+	// records it with its cause.
+	st0, _ := kubeStatus(a, pod)
+	require.NoError(t, syscall.Kill(containerOf(st0, "proxy").PID, syscall.SIGKILL))
+	recreate(3)
+	checkApp()
+	restarts = rec.find(EvRestart, key, "proxy")
+	require.Len(t, restarts, 3)
+	assert.Equal(t, CauseCrash, restarts[2].Fields["cause"])
+	assert.Equal(t, "3", restarts[2].Fields["restartCount"])
+	assert.Len(t, rec.find(EvStop, key, "proxy"), 2, "a crash is not the agent's stop")
+
 	// auto-restart off: the hang is reported, the sidecar left alone.
 	_, err = a.SetSwitch(ctx, SwitchAutoRestart, false, 0)
 	require.NoError(t, err)

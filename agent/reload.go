@@ -243,5 +243,8 @@ func nodeChanges(cur, next Node) []string {
 	diff("log.level", cur.Log.Level, next.Log.Level)
 	diff("log.format", cur.Log.Format, next.Log.Format)
 	diff("metricsAddr", cur.MetricsAddr, next.MetricsAddr)
+	if !reflect.DeepEqual(cur.Kubernetes, next.Kubernetes) {
+		out = append(out, "node.kubernetes (takes effect at the next start)")
+	}
 	return out
 }
