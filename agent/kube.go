@@ -319,6 +319,8 @@ func (s *kubeSupervisor) exited(p *kubePod, kc *kubeContainer, c containerd.Cont
 		kc.exitCause = kc.stopCause
 	case kc.oom:
 		kc.exitCause = CauseOOM
+	case c.ExitStatus == containerd.UnknownExitStatus:
+		kc.exitCause = "unknown" // its task went away while we were not looking
 	case c.ExitStatus != 0:
 		kc.exitCause = CauseCrash
 	default:
