@@ -166,7 +166,7 @@ func (s *kubeSupervisor) handle(ctx context.Context, e containerd.Event) {
 	case containerd.TaskOOM:
 		if p, kc := s.find(c.ID); kc != nil {
 			kc.oom = true
-			s.record(Event{Type: EvOOMKill, Pod: p.ref.String(), Container: kc.name, PID: int(kc.pid), Reason: "kernel OOM killer"})
+			s.record(Event{Type: EvOOMKill, Pod: p.ref.String(), Container: kc.name, PID: int(kc.pid), Reason: "kernel OOM killer", Fields: roleField(kc)})
 		}
 	case containerd.ContainerDeleted:
 		if p, kc := s.find(c.ID); kc != nil {
@@ -334,7 +334,13 @@ func (s *kubeSupervisor) exited(p *kubePod, kc *kubeContainer, c containerd.Cont
 	if e.Resync {
 		reason += ", seen on resync"
 	}
-	s.record(Event{Type: EvState, Pod: p.ref.String(), Container: kc.name, PID: int(kc.pid), From: StateRunning, To: StateExited, Reason: reason})
+	s.record(Event{Type: EvState, Pod: p.ref.String(), Container: kc.name, PID: int(kc.pid), From: StateRunning, To: StateExited, Reason: reason, Fields: roleField(kc)})
+}
+
+// roleField marks an event with its container's role, which the metrics
+// read (a Kubernetes pod has no spec in the config to look it up in).
+func roleField(c *kubeContainer) map[string]string {
+	return map[string]string{"role": string(c.role)}
 }
 
 func exitText(status uint32) string {
@@ -354,6 +360,7 @@ func (s *kubeSupervisor) deleted(p *kubePod, kc *kubeContainer) {
 			delete(s.owner, c.id)
 		}
 		delete(s.pods, p.id)
+		s.a.forgetPodMetrics(p.ref.String())
 		return
 	}
 	p.ctrs = slices.DeleteFunc(p.ctrs, func(c *kubeContainer) bool { return c == kc })
@@ -453,7 +460,7 @@ func (s *kubeSupervisor) reconcile(ctx context.Context, p *kubePod) {
 		if !probed {
 			if !c.ready {
 				c.ready, c.everReady = true, true // running is all it promises
-				s.record(Event{Type: EvState, Pod: p.ref.String(), Container: c.name, PID: int(c.pid), From: StateRunning, To: StateReady, Reason: "running (no readiness check)"})
+				s.record(Event{Type: EvState, Pod: p.ref.String(), Container: c.name, PID: int(c.pid), From: StateRunning, To: StateReady, Reason: "running (no readiness check)", Fields: roleField(c)})
 			}
 			continue
 		}
@@ -584,9 +591,11 @@ func (s *kubeSupervisor) onProbe(ctx context.Context, podID, ctrID string, pid u
 		c.failures = 0
 		if !c.ready {
 			c.ready, c.everReady = true, true
-			e := Event{Type: EvState, Pod: p.ref.String(), Container: c.name, PID: int(pid), From: StateRunning, To: StateReady, Reason: "readiness check passed"}
+			e := Event{Type: EvState, Pod: p.ref.String(), Container: c.name, PID: int(pid), From: StateRunning, To: StateReady, Reason: "readiness check passed", Fields: roleField(c)}
 			if !c.started.IsZero() {
 				e.Duration = time.Since(c.started)
+				// meshagent_sidecar_ready_seconds, as in host mode.
+				s.record(Event{Type: "ready", Pod: p.ref.String(), Container: c.name, PID: int(pid), Duration: e.Duration, Fields: roleField(c)})
 			}
 			s.record(e)
 			s.updateGate(p)

@@ -297,6 +297,12 @@ func TestKubeRestartAlone(t *testing.T) {
 	assert.Equal(t, CauseCrash, restarts[2].Fields["cause"])
 	assert.Equal(t, "3", restarts[2].Fields["restartCount"])
 	assert.Len(t, rec.find(EvStop, key, "proxy"), 2, "a crash is not the agent's stop")
+	// The restarts are in the metrics too, by cause.
+	m, err := NewClient(env.config().Node.AdminSocket).Metrics(ctx)
+	require.NoError(t, err)
+	for _, cause := range []string{CauseHang, CauseOperator, CauseCrash} {
+		assert.Contains(t, string(m), `meshagent_sidecar_restarts_total{cause="`+cause+`",container="proxy",pod="`+key+`"} 1`)
+	}
 
 	// auto-restart off: the hang is reported, the sidecar left alone.
 	_, err = a.SetSwitch(ctx, SwitchAutoRestart, false, 0)
