@@ -52,6 +52,10 @@ const (
 	EvContainerd    = "containerd"     // connection to containerd lost or regained
 )
 
+// criTimeout bounds a CRI question asked on the event loop: a stuck CRI
+// must not stall every pod's events.
+const criTimeout = 5 * time.Second
+
 // CauseJob is the cause of a Job's sidecars being stopped.
 const CauseJob = "job"
 
@@ -131,7 +135,9 @@ func (s *kubeSupervisor) run(ctx context.Context) error {
 func (s *kubeSupervisor) handle(ctx context.Context, e containerd.Event) {
 	var ann map[string]string
 	if e.Kind == containerd.ContainerCreated && !e.Resync && s.needAnnotations(e.Container.SandboxID) {
-		a, _, err := s.rt.SandboxAnnotations(ctx, e.Container.SandboxID)
+		cctx, cancel := context.WithTimeout(ctx, criTimeout)
+		a, _, err := s.rt.SandboxAnnotations(cctx, e.Container.SandboxID)
+		cancel()
 		if err == nil {
 			ann = a
 		} // else: CRI does not know the sandbox yet; the next container or Synced tells
@@ -201,7 +207,10 @@ func (s *kubeSupervisor) taskless(ctx context.Context, pods []containerd.Pod) ma
 	s.mu.Unlock()
 	exits := map[string]int32{}
 	for _, id := range ids {
-		if exited, code, err := s.rt.ContainerExit(ctx, id); err == nil && exited {
+		cctx, cancel := context.WithTimeout(ctx, criTimeout)
+		exited, code, err := s.rt.ContainerExit(cctx, id)
+		cancel()
+		if err == nil && exited {
 			exits[id] = code
 		}
 	}
