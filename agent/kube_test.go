@@ -21,6 +21,13 @@ import (
 	"github.com/meshagent/meshagent/internal/testimages"
 )
 
+// forLanes runs f on containerd v2.2.9 and on 1.6.
+func forLanes(t *testing.T, f func(*testing.T, critest.Lane)) {
+	for _, lane := range []critest.Lane{critest.V2, critest.V16} {
+		t.Run(lane.Arg, func(t *testing.T) { f(t, lane) })
+	}
+}
+
 func testLogger(t testing.TB) *slog.Logger {
 	if testing.Verbose() {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -101,9 +108,11 @@ func TestKubeDiscovery(t *testing.T) {
 // (HTTP inside the pod's network namespace) passes and then returns at
 // once; a gate in another pod learns only about its own pod; a process
 // outside any pod is refused; --probe answers at once.
-func TestKubeGate(t *testing.T) {
+func TestKubeGate(t *testing.T) { forLanes(t, testKubeGate) }
+
+func testKubeGate(t *testing.T, lane critest.Lane) {
 	critest.CheckLeaks(t)
-	env := newKubeEnv(t, critest.Socket(t, critest.V2))
+	env := newKubeEnv(t, critest.Socket(t, lane))
 	a, rec := env.startAgent()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -217,9 +226,11 @@ func TestKubeGateTimeout(t *testing.T) {
 // kubelet, recreates it and the agent records the restart with its cause
 // and count. An operator restart goes the same way; with the auto-restart
 // switch off a hang is only reported.
-func TestKubeRestartAlone(t *testing.T) {
+func TestKubeRestartAlone(t *testing.T) { forLanes(t, testKubeRestartAlone) }
+
+func testKubeRestartAlone(t *testing.T, lane critest.Lane) {
 	critest.CheckLeaks(t)
-	env := newKubeEnv(t, critest.Socket(t, critest.V2))
+	env := newKubeEnv(t, critest.Socket(t, lane))
 	a, rec := env.startAgent()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -321,9 +332,11 @@ func TestKubeRestartAlone(t *testing.T) {
 
 // TestKubeHold: `meshagent hold`, run in the sidecar as its preStop hook,
 // returns only once the app has exited.
-func TestKubeHold(t *testing.T) {
+func TestKubeHold(t *testing.T) { forLanes(t, testKubeHold) }
+
+func testKubeHold(t *testing.T, lane critest.Lane) {
 	critest.CheckLeaks(t)
-	env := newKubeEnv(t, critest.Socket(t, critest.V2))
+	env := newKubeEnv(t, critest.Socket(t, lane))
 	a, _ := env.startAgent()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -358,9 +371,11 @@ func TestKubeHold(t *testing.T) {
 
 // TestKubeJob: once a Job's app has exited, the agent stops its sidecar so
 // the Job can complete.
-func TestKubeJob(t *testing.T) {
+func TestKubeJob(t *testing.T) { forLanes(t, testKubeJob) }
+
+func testKubeJob(t *testing.T, lane critest.Lane) {
 	critest.CheckLeaks(t)
-	env := newKubeEnv(t, critest.Socket(t, critest.V2))
+	env := newKubeEnv(t, critest.Socket(t, lane))
 	a, rec := env.startAgent()
 	spec, _ := env.podSpec("job", 0, map[string]string{AnnoJob: "true"})
 	spec.Containers[1].Env["APP_EXIT_AFTER"] = "2s"
