@@ -24,4 +24,15 @@
 // pods in line with the config file without touching unchanged ones.
 // Inspections (inspect.go) are Checks run on demand; features add theirs
 // with WithCheck. A Notifier (systemd) hears READY, RELOADING and STOPPING.
+//
+// Kubernetes mode (kube*.go, on with node.kubernetes): kubelet owns the
+// pods' containers; the kube supervisor follows them through
+// agent/containerd's event stream (pre-existing pods included, each change
+// once, resynchronised after a reconnect), probes sidecars from inside each
+// pod's network namespace, and serves the gate socket where `meshagent gate`
+// and `meshagent hold` (the sidecar's postStart and preStop hooks) wait on
+// their own pod, known from their peer credentials. It stops containers
+// (hang, operator, finished Job) through containerd and never creates one:
+// kubelet restarts them. Its state is rebuilt from containerd alone, so an
+// agent restart needs no state file.
 package agent
