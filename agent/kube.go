@@ -642,6 +642,12 @@ func (s *kubeSupervisor) stop(ctx context.Context, p *kubePod, c *kubeContainer,
 	s.record(Event{Type: EvStop, Pod: p.ref.String(), Container: c.name, PID: int(c.pid), Reason: cause,
 		Fields: map[string]string{"cause": cause, "grace": grace.String()}})
 	id, pid := c.id, c.pid
+	if s.life != nil {
+		// Not the caller's context: a probe's ends when the container
+		// exits, and an admin request's when it is answered, but a stop
+		// must run its course (grace, then SIGKILL).
+		ctx = s.life
+	}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
