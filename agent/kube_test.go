@@ -525,3 +525,40 @@ func (p *agentProcess) stop() {
 	_ = p.cmd.Process.Signal(syscall.SIGTERM)
 	_ = p.cmd.Wait()
 }
+
+// TestKubeProbeKinds: each kind of readiness check works against a real
+// container: tcp inside the pod's network namespace, exec in the
+// container's namespaces (nsenter; the binary exists only in the
+// container's mounts), unix through the container's root (the pod's view of
+// the node's gate socket), and a failing exec keeps its sidecar, and so the
+// pod's gate, not ready.
+func TestKubeProbeKinds(t *testing.T) {
+	critest.CheckLeaks(t)
+	env := newKubeEnv(t, critest.Socket(t, critest.V2))
+	a, _ := env.startAgent()
+	out := t.TempDir()
+	sidecar := func(name, port string) critest.ContainerSpec {
+		return critest.ContainerSpec{Name: name, Image: testimages.Sidecar, Env: map[string]string{"SIDECAR_PORT": port}, Mounts: env.mounts(out)}
+	}
+	pod := env.rt.StartPod(t, critest.PodSpec{
+		Name: "probes", PodNetwork: true,
+		Annotations: map[string]string{
+			AnnoSidecars:                 "tcp,exec,unix,bad",
+			AnnoReadinessPrefix + "tcp":  "tcp:15031",
+			AnnoReadinessPrefix + "exec": "exec:" + gatePortal + " version",
+			AnnoReadinessPrefix + "unix": "unix:" + podRunDir + "/gate.sock",
+			AnnoReadinessPrefix + "bad":  "exec:" + gatePortal + " no-such-command",
+			AnnoStartupInterval:          "50ms",
+		},
+		Containers: []critest.ContainerSpec{sidecar("tcp", "15031"), sidecar("exec", "15032"), sidecar("unix", "15033"), sidecar("bad", "15034")},
+	})
+	waitUntil(t, 30*time.Second, "tcp, exec and unix checks pass", func() bool {
+		st, _ := kubeStatus(a, pod)
+		return containerOf(st, "tcp").Ready && containerOf(st, "exec").Ready && containerOf(st, "unix").Ready
+	})
+	time.Sleep(time.Second) // the failing check has run many times by now
+	st, _ := kubeStatus(a, pod)
+	assert.False(t, containerOf(st, "bad").Ready, "a failing exec check passed")
+	assert.Equal(t, StateRunning, containerOf(st, "bad").State)
+	assert.Equal(t, PhasePending, st.Phase)
+}
