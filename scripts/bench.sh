@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pattern=${BENCH:-.}
+# The Kubernetes benchmarks need the containerd lanes (scripts/ci-containerd.sh v2).
+if [[ -z ${MESHAGENT_TEST_CONTAINERD:-} && -S /run/meshagent-ci/containerd2/containerd.sock ]]; then
+  eval "$(scripts/ci-containerd.sh env)"
+fi
 echo "== meshagent benchmarks ($(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"
 go test -run '^$' -bench "$pattern" -benchtime 1x -timeout 30m ./... 2>&1 |
   grep -E '^(Benchmark|ok|FAIL|---|panic|\s+bench)' | grep -v 'no test files'
