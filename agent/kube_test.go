@@ -99,6 +99,14 @@ func TestKubeDiscovery(t *testing.T) {
 				names[p.Name] = true
 			}
 			assert.True(t, names[podKey(before)] && names[podKey(after)], "admin API lists %v", names)
+
+			// And `meshagent ctl pods`, the human table.
+			table, err := exec.CommandContext(ctx, env.bin+"/meshagent", "ctl", "--socket", env.config().Node.AdminSocket, "pods").CombinedOutput()
+			require.NoError(t, err, "%s", table)
+			t.Logf("meshagent ctl pods:\n%s", table)
+			for _, line := range []string{podKey(before) + "  running  proxy", podKey(after) + "  running  app"} {
+				assert.Contains(t, strings.Join(strings.Fields(string(table)), "  "), line)
+			}
 		})
 	}
 }
