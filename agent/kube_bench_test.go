@@ -28,7 +28,8 @@ import (
 //   - ready-ms: ... to every one of them with its gate open (sidecars probed
 //     ready by the agent);
 //
-//   - rss-MiB: the agent's resident memory then;
+//   - rss-MiB: the agent's resident memory then; idle-cpu-%: its CPU use
+//     over the next 5s (one core = 100), probing every sidecar each second;
 //
 //   - gate-p50-ms / gate-p99-ms: for 100 more pods started while the agent
 //     runs, from the sidecar accepting (its ready file) to `meshagent gate`,
@@ -150,6 +151,11 @@ func BenchmarkKubeNode(b *testing.B) {
 	b.StopTimer()
 	time.Sleep(time.Second) // settle: probes at their period now
 	rss := vmRSS(b, cmd.Process.Pid)
+	// Idle CPU with 100 sidecars probed once a second, each from inside its
+	// pod's network namespace.
+	cpu0, wall0 := procCPU(cmd.Process.Pid), time.Now()
+	time.Sleep(5 * time.Second)
+	idleCPU := 100 * float64(procCPU(cmd.Process.Pid)-cpu0) / float64(time.Since(wall0))
 
 	var (
 		rmu       sync.Mutex
@@ -190,6 +196,7 @@ func BenchmarkKubeNode(b *testing.B) {
 	b.ReportMetric(float64(model.Microseconds())/1000, "model-ms")
 	b.ReportMetric(float64(ready.Microseconds())/1000, "ready-ms")
 	b.ReportMetric(rss, "rss-MiB")
+	b.ReportMetric(idleCPU, "idle-cpu-%")
 	b.ReportMetric(pct(0.5), "gate-p50-ms")
 	b.ReportMetric(pct(0.99), "gate-p99-ms")
 	b.ReportMetric(float64(len(reactions)), "gates")
