@@ -570,3 +570,40 @@ func TestKubeProbeKinds(t *testing.T) {
 	assert.Equal(t, StateRunning, containerOf(st, "bad").State)
 	assert.Equal(t, PhasePending, st.Phase)
 }
+
+// TestKubeGateAcrossAgentRestart: a postStart hook waiting while the agent
+// is SIGKILLed and started again reconnects and opens when the sidecar is
+// ready, as seen by the new agent.
+func TestKubeGateAcrossAgentRestart(t *testing.T) {
+	critest.CheckLeaks(t)
+	env := newKubeEnv(t, critest.Socket(t, critest.V2))
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cfgPath := writeKubeConfig(t, env)
+	agent1 := startAgentProcess(t, cfgPath)
+
+	spec, out := env.podSpec("regate", 4*time.Second, nil)
+	spec.Containers = spec.Containers[:1]
+	pod := env.rt.StartPod(t, spec)
+	type result struct {
+		out  string
+		code int32
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		out, code, err := env.hook(ctx, pod.ContainerID("proxy"), "gate", "--json")
+		done <- result{out, code, err}
+	}()
+	time.Sleep(time.Second)
+	agent1.kill()
+	agent2 := startAgentProcess(t, cfgPath)
+	defer agent2.stop()
+
+	r := <-done
+	require.NoError(t, r.err)
+	require.Equal(t, int32(0), r.code, r.out)
+	g := parseGate(t, r.out)
+	assert.Equal(t, GateReady, g.Outcome)
+	assert.False(t, time.Unix(0, g.At).Before(readyAt(t, out)), "gate opened before the sidecar was ready")
+}
