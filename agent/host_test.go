@@ -369,7 +369,7 @@ func TestHostShimFailureIsAStartError(t *testing.T) {
 	})}}
 	_, err := rt.Start(context.Background(), &PodSpec{Name: "p"}, &ContainerSpec{Name: "c", Command: "/bin/true"})
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), "pod p container c: enter cgroup /nonexistent/cgroup.procs")
+	assert.Contains(t, err.Error(), "pod p container c: enter cgroup: open /nonexistent/cgroup.procs")
 }
 
 type prepFunc func(*StartSpec)

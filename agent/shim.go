@@ -9,6 +9,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshagent/meshagent/cgroup"
 )
 
 // The exec shim is the agent's own binary run between fork and the
@@ -50,15 +52,14 @@ func RunShimIfRequested() {
 }
 
 func runShim(s *shimSpec) error {
-	for _, f := range s.CgroupProcs {
-		// "0" is the writing process itself.
-		if err := os.WriteFile(f, []byte("0"), 0); err != nil {
-			return fmt.Errorf("enter cgroup %s: %w", f, err)
+	if len(s.CgroupProcs) > 0 {
+		if err := cgroup.EnterSelf(s.CgroupProcs); err != nil {
+			return err
 		}
 	}
 	if s.OOMScoreAdj != nil {
-		if err := os.WriteFile("/proc/self/oom_score_adj", []byte(strconv.Itoa(*s.OOMScoreAdj)), 0); err != nil {
-			return fmt.Errorf("set oom_score_adj %d: %w", *s.OOMScoreAdj, err)
+		if err := cgroup.SetOOMScoreAdj(0, *s.OOMScoreAdj); err != nil {
+			return err
 		}
 	}
 	env := make([]string, 0, len(os.Environ()))
