@@ -350,6 +350,14 @@ func (s *sidecar) adminRoutes() http.Handler {
 func (s *sidecar) proxy() http.Handler {
 	target := &url.URL{Scheme: "http", Host: s.c.upstream}
 	rp := &httputil.ReverseProxy{
+		// Enough idle connections to the app for a load test: with the
+		// default two per host, every burst would open (and leave in
+		// TIME_WAIT) fresh connections to the app until ports run out.
+		Transport: &http.Transport{
+			DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
+			MaxIdleConnsPerHost: 1024,
+			IdleConnTimeout:     90 * time.Second,
+		},
 		Rewrite: func(r *httputil.ProxyRequest) {
 			r.SetURL(target)
 			r.SetXForwarded()

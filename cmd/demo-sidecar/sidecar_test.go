@@ -316,13 +316,19 @@ func TestFDStore(t *testing.T) {
 	}, procOpts{env: []string{"NOTIFY_SOCKET=" + ns.path}})
 
 	msg, fds := ns.recv(t, 10*time.Second)
-	for _, fd := range fds {
-		defer unix.Close(fd)
+	// Each received fd goes into an os.File at once, so exactly one owner
+	// closes it (a raw close plus an os.File's finalizer would close the
+	// number twice, the second time someone else's fd).
+	files := make([]*os.File, len(fds))
+	for i, fd := range fds {
+		files[i] = os.NewFile(uintptr(fd), fmt.Sprintf("received-%d", i))
+		defer files[i].Close()
 	}
 	if msg != "FDSTORE=1\nFDNAME=listen" || len(fds) != 1 {
 		t.Fatalf("first notify message %q with %d fds, want FDSTORE=1\\nFDNAME=listen with 1 fd", msg, len(fds))
 	}
-	stored := fds[0]
+	storedFile := files[0]
+	stored := int(storedFile.Fd())
 	bound := waitMark(t, sc, rf1, "bound", 10*time.Second)
 	if !socketInodes(t, sc.pid())[fdInode(t, stored)] {
 		t.Errorf("stored fd (inode %d) is not a socket the sidecar holds", fdInode(t, stored))
@@ -366,7 +372,6 @@ func TestFDStore(t *testing.T) {
 	}()
 	time.Sleep(100 * time.Millisecond) // let the request reach the accept queue
 
-	storedFile := os.NewFile(uintptr(stored), "stored")
 	rf2 := filepath.Join(dir, "ready2")
 	sc2 := startProc(t, "sidecar-2", bins.sidecar, []string{
 		"--listen", "127.0.0.1:1", "--admin", "", "--upstream", appAddr,
@@ -516,6 +521,27 @@ func TestCrashAndUnready(t *testing.T) {
 		}
 		if time.Since(ready.at) < 200*time.Millisecond {
 			t.Errorf("crashed %s after ready, want at least 200ms", time.Since(ready.at))
+		}
+	})
+	t.Run("SIGTERM before ready is a clean stop", func(t *testing.T) {
+		rf := filepath.Join(t.TempDir(), "ready")
+		sc := startProc(t, "sidecar", bins.sidecar, []string{
+			"--listen", "127.0.0.1:0", "--admin", "", "--upstream", appAddr,
+			"--ready-after", "1h", "--ready-file", rf,
+		}, procOpts{})
+		bound := waitMark(t, sc, rf, "bound", 10*time.Second)
+		sc.signal(t, syscall.SIGTERM)
+		if code := sc.wait(t, 10*time.Second); code != 0 {
+			t.Errorf("exit code %d, want 0", code)
+		}
+		for _, m := range readMarks(t, rf) {
+			if m.event == "ready" {
+				t.Errorf("became ready although --ready-after was 1h")
+			}
+		}
+		if c, err := net.DialTimeout("tcp", bound.fields["listen"], time.Second); err == nil {
+			c.Close()
+			t.Errorf("port %s still accepts after the sidecar exited", bound.fields["listen"])
 		}
 	})
 	t.Run("unready-after turns /ready to 503 and keeps forwarding", func(t *testing.T) {
