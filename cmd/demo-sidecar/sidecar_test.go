@@ -569,3 +569,83 @@ func TestCrashAndUnready(t *testing.T) {
 		sc.wait(t, 10*time.Second)
 	})
 }
+
+// rawListenerFD returns a raw fd, owned by the caller, of a new loopback
+// listening socket and the socket's address.
+func rawListenerFD(t *testing.T) (int, string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	f, err := ln.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fd, err := unix.Dup(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fd, ln.Addr().String()
+}
+
+func isOpen(fd int) bool {
+	_, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	return err == nil
+}
+
+// TestTakeListeners hands real fds to takeListeners: the "listen" and
+// "admin" ones become listeners on the right sockets, any other is closed,
+// and a passed fd that is not a listening socket is refused with every fd
+// closed.
+func TestTakeListeners(t *testing.T) {
+	checkFDs(t)
+	t.Run("named", func(t *testing.T) {
+		adminFD, adminAddr := rawListenerFD(t)
+		listenFD, listenAddr := rawListenerFD(t)
+		extraFD, _ := rawListenerFD(t)
+		a, err := takeListeners([]passedFD{{adminFD, "admin"}, {listenFD, "listen"}, {extraFD, "extra"}}, t.Logf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer a.listen.Close()
+		defer a.admin.Close()
+		if a.listen.Addr().String() != listenAddr || a.admin.Addr().String() != adminAddr {
+			t.Errorf("listen %s admin %s, want %s and %s", a.listen.Addr(), a.admin.Addr(), listenAddr, adminAddr)
+		}
+		for _, fd := range []int{adminFD, listenFD, extraFD} {
+			if isOpen(fd) {
+				t.Errorf("passed fd %d still open: FileListener dups, the original must be closed", fd)
+			}
+		}
+	})
+	t.Run("first unnamed is the listener", func(t *testing.T) {
+		fd, addr := rawListenerFD(t)
+		a, err := takeListeners([]passedFD{{fd, "unknown"}}, t.Logf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer a.listen.Close()
+		if a.listen.Addr().String() != addr || a.admin != nil {
+			t.Errorf("listen %v admin %v, want %s and none", a.listen.Addr(), a.admin, addr)
+		}
+	})
+	t.Run("not a socket", func(t *testing.T) {
+		adminFD, _ := rawListenerFD(t)
+		var p [2]int
+		if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(p[1])
+		_, err := takeListeners([]passedFD{{adminFD, "admin"}, {p[0], "listen"}}, t.Logf)
+		want := fmt.Sprintf("passed fd %d (name \"listen\"): not a listening socket", p[0])
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Fatalf("error %v, want one containing %q", err, want)
+		}
+		if isOpen(p[0]) || isOpen(adminFD) {
+			t.Errorf("fds left open after the error: pipe %v, admin %v", isOpen(p[0]), isOpen(adminFD))
+		}
+	})
+}
