@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"net"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -12,21 +11,26 @@ import (
 	"github.com/meshagent/meshagent/internal/loadgen"
 )
 
-// TestLoadThroughCrash is the hand-off load test in miniature, with real
-// processes: open-loop traffic through a sidecar that is SIGKILLed and
-// started again 300ms later. When the listening socket outlives the process
-// (the test holds it, as meshagent's fd store would, and passes it to both
-// starts with LISTEN_FDS) no connection is refused; when each start binds
-// the port itself (the control) the gap shows as refused connections, which
-// proves the load generator can see the failure it is looking for.
-func TestLoadThroughCrash(t *testing.T) {
+// TestLoadThroughRestart is the hand-off load test in miniature, with real
+// processes and open-loop traffic through the sidecar:
+//   - crash: the sidecar is SIGKILLed and started again 300ms later. When the
+//     listening socket outlives the process (the test holds it, as
+//     meshagent's fd store would, and passes it to both starts with
+//     LISTEN_FDS) no connection is refused; when each start binds the port
+//     itself (the control) the gap shows as refused connections, which
+//     proves the load generator sees the failure it is looking for.
+//   - hot upgrade: a second sidecar starts on the held socket, and once it is
+//     ready the first gets SIGTERM and drains: no request may fail at all.
+func TestLoadThroughRestart(t *testing.T) {
 	tests := []struct {
 		name        string
 		holdSocket  bool
+		upgrade     bool
 		wantRefused bool
 	}{
-		{name: "socket held across the crash", holdSocket: true, wantRefused: false},
-		{name: "control: each start binds the port", holdSocket: false, wantRefused: true},
+		{name: "crash with the socket held", holdSocket: true},
+		{name: "crash, control: each start binds the port", wantRefused: true},
+		{name: "hot upgrade", holdSocket: true, upgrade: true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -39,17 +43,8 @@ func TestLoadThroughCrash(t *testing.T) {
 				opts   procOpts
 			)
 			if tt.holdSocket {
-				ln, err := net.Listen("tcp", "127.0.0.1:0")
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer ln.Close()
-				f, err := ln.(*net.TCPListener).File()
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer f.Close()
-				listen = ln.Addr().String()
+				var f *os.File
+				f, listen = heldListener(t)
 				opts = procOpts{env: []string{"LISTEN_FDS=1", "LISTEN_FDNAMES=listen"}, files: []*os.File{f}, shellPID: true}
 			} else {
 				listen = freePort(t)
@@ -76,10 +71,18 @@ func TestLoadThroughCrash(t *testing.T) {
 				errs <- err
 			}()
 			time.Sleep(800 * time.Millisecond)
-			first.signal(t, syscall.SIGKILL)
-			first.wait(t, 10*time.Second)
-			time.Sleep(300 * time.Millisecond)
-			startSidecar("sidecar-2")
+			if tt.upgrade {
+				startSidecar("sidecar-2") // returns once it is ready
+				first.signal(t, syscall.SIGTERM)
+				if code := first.wait(t, 10*time.Second); code != 0 {
+					t.Errorf("old sidecar exit code %d after SIGTERM, want 0", code)
+				}
+			} else {
+				first.signal(t, syscall.SIGKILL)
+				first.wait(t, 10*time.Second)
+				time.Sleep(300 * time.Millisecond)
+				startSidecar("sidecar-2")
+			}
 
 			res := <-results
 			if err := <-errs; err != nil {
@@ -95,6 +98,9 @@ func TestLoadThroughCrash(t *testing.T) {
 			}
 			if !tt.wantRefused && c.Refused != 0 {
 				t.Errorf("%d refused connections although the socket was held across the crash", c.Refused)
+			}
+			if tt.upgrade && c.Failed() != 0 {
+				t.Errorf("%d requests failed during a hot upgrade, want 0: %+v", c.Failed(), c)
 			}
 			if !tt.wantRefused && (c.Timeout != 0 || c.Non2xx != 0 || c.Other != 0) {
 				// Only requests in flight on the killed process (reset, eof)
