@@ -65,7 +65,10 @@ func TestLoadThroughRestart(t *testing.T) {
 			go func() {
 				res, err := loadgen.Run(context.Background(), loadgen.Config{
 					Target: "http://" + listen + "/", Rate: 200, Duration: 2500 * time.Millisecond,
-					NewConnRatio: 0.5, Timeout: 5 * time.Second,
+					// A generous timeout: a restart on a busy machine may take
+					// seconds, and requests queued meanwhile must count as
+					// what they are (late, not lost).
+					NewConnRatio: 0.5, Timeout: 15 * time.Second,
 				})
 				results <- res
 				errs <- err
