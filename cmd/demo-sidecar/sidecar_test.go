@@ -207,16 +207,7 @@ func TestReadyAfterAndForwarding(t *testing.T) {
 func TestSocketActivation(t *testing.T) {
 	checkFDs(t)
 	_, appAddr := startApp(t, "app")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	f, err := ln.(*net.TCPListener).File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	f, passedAddr := heldListener(t)
 	passedInode := fdInode(t, int(f.Fd()))
 	notBound := freePort(t) // the sidecar would bind this if it ignored the passed socket
 
@@ -231,14 +222,13 @@ func TestSocketActivation(t *testing.T) {
 	})
 	// From now on only the sidecar holds the socket.
 	f.Close()
-	ln.Close()
 
 	bound := waitMark(t, sc, rf, "bound", 10*time.Second)
 	waitMark(t, sc, rf, "ready", 10*time.Second)
-	if bound.fields["source"] != "activation" || bound.fields["listen"] != ln.Addr().String() {
-		t.Errorf("bound line %v, want source=activation listen=%s", bound.fields, ln.Addr())
+	if bound.fields["source"] != "activation" || bound.fields["listen"] != passedAddr {
+		t.Errorf("bound line %v, want source=activation listen=%s", bound.fields, passedAddr)
 	}
-	status, via, body := get(t, "http://"+ln.Addr().String()+"/")
+	status, via, body := get(t, "http://"+passedAddr+"/")
 	if status != 200 || !strings.Contains(via, fmt.Sprintf("pid=%d", sc.pid())) {
 		t.Fatalf("via passed socket: status %d, X-Demo-Sidecar %q, body %s", status, via, body)
 	}
@@ -328,7 +318,9 @@ func TestFDStore(t *testing.T) {
 		t.Fatalf("first notify message %q with %d fds, want FDSTORE=1\\nFDNAME=listen with 1 fd", msg, len(fds))
 	}
 	storedFile := files[0]
-	stored := int(storedFile.Fd())
+	// The raw number, not storedFile.Fd(): Fd() would switch the socket,
+	// shared with the running sidecar, to blocking mode.
+	stored := fds[0]
 	bound := waitMark(t, sc, rf1, "bound", 10*time.Second)
 	if !socketInodes(t, sc.pid())[fdInode(t, stored)] {
 		t.Errorf("stored fd (inode %d) is not a socket the sidecar holds", fdInode(t, stored))
@@ -574,26 +566,12 @@ func TestCrashAndUnready(t *testing.T) {
 // listening socket and the socket's address.
 func rawListenerFD(t *testing.T) (int, string) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	f, err := ln.(*net.TCPListener).File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	f, addr := heldListener(t) // closed at cleanup; the dup is the caller's
 	fd, err := unix.Dup(int(f.Fd()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return fd, ln.Addr().String()
-}
-
-func isOpen(fd int) bool {
-	_, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
-	return err == nil
+	return fd, addr
 }
 
 // TestTakeListeners hands real fds to takeListeners: the "listen" and
@@ -606,6 +584,8 @@ func TestTakeListeners(t *testing.T) {
 		adminFD, adminAddr := rawListenerFD(t)
 		listenFD, listenAddr := rawListenerFD(t)
 		extraFD, _ := rawListenerFD(t)
+		// Fd numbers are reused at once, so count instead of probing them.
+		before := countFDs(t)
 		a, err := takeListeners([]passedFD{{adminFD, "admin"}, {listenFD, "listen"}, {extraFD, "extra"}}, t.Logf)
 		if err != nil {
 			t.Fatal(err)
@@ -615,10 +595,9 @@ func TestTakeListeners(t *testing.T) {
 		if a.listen.Addr().String() != listenAddr || a.admin.Addr().String() != adminAddr {
 			t.Errorf("listen %s admin %s, want %s and %s", a.listen.Addr(), a.admin.Addr(), listenAddr, adminAddr)
 		}
-		for _, fd := range []int{adminFD, listenFD, extraFD} {
-			if isOpen(fd) {
-				t.Errorf("passed fd %d still open: FileListener dups, the original must be closed", fd)
-			}
+		// Three passed fds closed, two listeners' own fds open.
+		if after := countFDs(t); after != before-1 {
+			t.Errorf("%d fds open after taking 3 passed fds into 2 listeners, want %d", after, before-1)
 		}
 	})
 	t.Run("first unnamed is the listener", func(t *testing.T) {
@@ -639,13 +618,14 @@ func TestTakeListeners(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer unix.Close(p[1])
+		before := countFDs(t)
 		_, err := takeListeners([]passedFD{{adminFD, "admin"}, {p[0], "listen"}}, t.Logf)
 		want := fmt.Sprintf("passed fd %d (name \"listen\"): not a listening socket", p[0])
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Fatalf("error %v, want one containing %q", err, want)
 		}
-		if isOpen(p[0]) || isOpen(adminFD) {
-			t.Errorf("fds left open after the error: pipe %v, admin %v", isOpen(p[0]), isOpen(adminFD))
+		if after := countFDs(t); after != before-2 {
+			t.Errorf("%d fds open after the error, want %d: both passed fds closed, nothing kept", after, before-2)
 		}
 	})
 }
