@@ -396,7 +396,10 @@ func (p *PodSpec) setDefaults() {
 		}
 		if rd := c.Readiness; rd != nil {
 			if rd.Period == 0 {
-				rd.Period = Duration(time.Second)
+				// A TCP check costs the node a loopback handshake (tens of
+				// microseconds of kernel time); 5 s keeps 200 sidecars under
+				// 0.5% of a core and still finds a hang within 15 s.
+				rd.Period = Duration(5 * time.Second)
 			}
 			if rd.Timeout == 0 {
 				rd.Timeout = Duration(time.Second)
