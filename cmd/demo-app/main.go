@@ -15,6 +15,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/meshagent/meshagent/internal/httpdrain"
 	"io"
 	"log/slog"
 	"net"
@@ -100,11 +101,11 @@ func run(started time.Time, args []string, stderr io.Writer) int {
 	log.Info("listening", "addr", ln.Addr().String(), "time", time.Now().Format(time.RFC3339Nano))
 
 	a := &app{name: c.name, pid: os.Getpid()}
-	srv := newDrainer(ln, a.routes())
-	go srv.serve()
+	srv := httpdrain.New(ln, a.routes())
+	go srv.Serve()
 
 	select {
-	case <-srv.done:
+	case <-srv.Done():
 		log.Error("serve stopped", "addr", ln.Addr().String())
 		return 1
 	case <-ctx.Done():
@@ -113,7 +114,7 @@ func run(started time.Time, args []string, stderr io.Writer) int {
 	log.Info("draining", "deadline", c.drain.String())
 	dctx, cancel := context.WithTimeout(context.Background(), c.drain)
 	defer cancel()
-	if cut := srv.drain(dctx); cut > 0 {
+	if cut := srv.Drain(dctx); cut > 0 {
 		// The remaining requests are cut. Say so, but it is still the stop
 		// we were asked for.
 		log.Warn("drain deadline passed, cut the remaining connections", "connections", cut)

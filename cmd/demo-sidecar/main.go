@@ -32,6 +32,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/meshagent/meshagent/internal/httpdrain"
 	"io"
 	"log/slog"
 	"net"
@@ -251,7 +252,7 @@ func (s *sidecar) run(ctx context.Context, stopSignals func()) int {
 	if s.admin != nil {
 		go func() { adminDone <- adminSrv.Serve(s.admin) }()
 	}
-	proxy := newDrainer(s.ln, s.proxy())
+	proxy := httpdrain.New(s.ln, s.proxy())
 
 	// Not ready yet: we do not accept, so connections queue in the kernel.
 	readyTimer := time.NewTimer(s.c.readyAfter)
@@ -270,7 +271,7 @@ loop:
 				code = 1
 				break loop
 			}
-			go proxy.serve()
+			go proxy.Serve()
 			serving = true
 			s.ready.Store(true)
 			s.notifyState("READY=1")
@@ -307,7 +308,7 @@ loop:
 	defer cancel()
 	if serving {
 		// Every request already accepted gets its answer.
-		if cut := proxy.drain(dctx); cut > 0 {
+		if cut := proxy.Drain(dctx); cut > 0 {
 			s.log.Warn("drain deadline passed, cut the remaining connections", "connections", cut)
 		}
 	}

@@ -1,4 +1,6 @@
-package main
+// Package httpdrain serves HTTP and stops without dropping a request; the
+// demo sidecar and the demo app both drain this way.
+package httpdrain
 
 import (
 	"context"
@@ -8,7 +10,7 @@ import (
 	"time"
 )
 
-// drainer serves HTTP and stops without dropping a request.
+// Server serves HTTP and stops without dropping a request.
 //
 // http.Server.Shutdown is not enough for a sidecar that hands its socket to
 // a successor: a request read after Shutdown has begun is dropped without an
@@ -21,15 +23,16 @@ import (
 // meanwhile. Only the race inherent to HTTP/1.1 remains: a client that sends
 // on an idle connection just as it is closed (Go's client, like browsers,
 // retries such an idempotent request).
-type drainer struct {
+type Server struct {
 	srv  *http.Server
 	ln   net.Listener
 	open atomic.Int64 // connections accepted and not yet closed
 	done chan struct{}
 }
 
-func newDrainer(ln net.Listener, h http.Handler) *drainer {
-	d := &drainer{ln: ln, done: make(chan struct{})}
+// New returns a Server of h on ln.
+func New(ln net.Listener, h http.Handler) *Server {
+	d := &Server{ln: ln, done: make(chan struct{})}
 	d.srv = &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -45,15 +48,15 @@ func newDrainer(ln net.Listener, h http.Handler) *drainer {
 	return d
 }
 
-// serve runs until the listener is closed.
-func (d *drainer) serve() {
+// Serve runs until the listener is closed.
+func (d *Server) Serve() {
 	defer close(d.done)
 	d.srv.Serve(d.ln)
 }
 
-// drain stops accepting and waits for every connection to close, at most
+// Drain stops accepting and waits for every connection to close, at most
 // until ctx ends; then it cuts the rest. It returns how many it cut.
-func (d *drainer) drain(ctx context.Context) int64 {
+func (d *Server) Drain(ctx context.Context) int64 {
 	d.ln.Close()
 	// Wait for Serve to return, so no connection is being accepted any
 	// more. It may not return at once: if another process sharing the socket
@@ -85,3 +88,6 @@ func (d *drainer) drain(ctx context.Context) int64 {
 		}
 	}
 }
+
+// Done is closed once Serve has returned.
+func (d *Server) Done() <-chan struct{} { return d.done }
