@@ -210,6 +210,7 @@ func (a *Agent) retirePod(name string) error {
 		if err := a.state.remove(name); err != nil {
 			a.log.Warn("cannot remove state file", "pod", name, "err", err)
 		}
+		a.cg.removePod(name) // cgroup.go
 	}
 	a.forgetPodMetrics(name)
 	return stopErr
