@@ -106,7 +106,7 @@ func (a *Agent) initCgroups() {
 		a.log.Warn("cgroup policy off: containers run in the agent's cgroup with its oom_score_adj", "reason", c.off)
 		return
 	}
-	c.appAdj, _ = cgroup.ReadOOMScoreAdj(0)
+	c.appAdj, _ = cgroup.ReadOOMScoreAdj(os.Getpid())
 	c.pods = map[string]bool{}
 	c.oomSeen = map[podContainer]uint64{}
 	c.lastErr = map[string]string{}
@@ -179,7 +179,9 @@ func (c *hostCgroups) Prepare(ctx context.Context, pod *PodSpec, ct *ContainerSp
 	s.CgroupProcs = append(s.CgroupProcs, files...)
 	t, ok, err := hostTarget(pod)
 	if err == nil && ok {
-		_, err = c.m.Apply(ctx, t)
+		var res cgroup.Result
+		res, err = c.m.Apply(ctx, t)
+		c.reportDrift(res)
 	}
 	if err != nil {
 		c.podError(pod.Name, err)
@@ -423,6 +425,12 @@ func (c *hostCgroups) reconcile(ctx context.Context) cgroup.Result {
 			c.podOK(t.Pod)
 		}
 	}
+	c.reportDrift(res)
+	return res
+}
+
+// reportDrift counts and records the corrections of drift of a pass.
+func (c *hostCgroups) reportDrift(res cgroup.Result) {
 	for _, w := range res.Corrections {
 		if !w.Drift {
 			continue
@@ -436,7 +444,6 @@ func (c *hostCgroups) reconcile(ctx context.Context) cgroup.Result {
 		}
 		c.a.record(e)
 	}
-	return res
 }
 
 // ReconcileCgroups runs one reconcile pass now (the loop runs one every
