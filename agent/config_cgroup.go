@@ -27,6 +27,8 @@ type NRINode struct {
 	Socket string `yaml:"socket" json:"socket,omitempty"`
 	// PluginIndex orders meshagent among NRI plugins (two digits); default 40.
 	PluginIndex string `yaml:"pluginIndex" json:"pluginIndex,omitempty"`
+	// PluginName is the name meshagent registers under; default meshagent.
+	PluginName string `yaml:"pluginName" json:"pluginName,omitempty"`
 }
 
 // PodResources are a host-mode pod's own cgroup limits, shared by its
@@ -67,6 +69,9 @@ func (c *Config) validateCgroup() []error {
 	case "", "auto", "off":
 	default:
 		add("node.cgroup.enabled", "want auto or off, got %q", c.Node.Cgroup.Enabled)
+	}
+	if n := c.Node.NRI.PluginName; n != "" && !nameRE.MatchString(n) {
+		add("node.nri.pluginName", "%q is not a valid name (lowercase letters, digits, '-' and '.')", n)
 	}
 	if i := c.Node.NRI.PluginIndex; i != "" && (len(i) != 2 || i[0] < '0' || i[0] > '9' || i[1] < '0' || i[1] > '9') {
 		add("node.nri.pluginIndex", "want two digits like 40, got %q", i)

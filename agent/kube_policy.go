@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -59,6 +60,7 @@ func (a *Agent) ApplyKubeSidecar(ctx context.Context, s KubeSidecar) error {
 // cgroup package; its Manager is opened on first use.
 type kubePolicy struct {
 	root string
+	log  *slog.Logger
 
 	mu   sync.Mutex
 	m    *cgroup.Manager
@@ -72,7 +74,7 @@ func (k *kubePolicy) manager() (*cgroup.Manager, error) {
 			k.err = fmt.Errorf("not root (uid %d)", os.Geteuid())
 			return
 		}
-		k.m, k.err = cgroup.Open(cgroup.Options{Root: k.root})
+		k.m, k.err = cgroup.Open(cgroup.Options{Root: k.root, Logger: k.log})
 	})
 	return k.m, k.err
 }

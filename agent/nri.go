@@ -89,7 +89,10 @@ func (a *Agent) initNRI() {
 	if n.idx == "" {
 		n.idx = DefaultNRIPluginIndex
 	}
-	n.kube.root = a.cfg.Node.Cgroup.Root
+	if nm := a.cfg.Node.NRI.PluginName; nm != "" {
+		n.name = nm
+	}
+	n.kube.root, n.kube.log = a.cfg.Node.Cgroup.Root, a.log
 	a.nri = n
 }
 
