@@ -32,16 +32,21 @@ type KubeSidecar struct {
 // from its TaskStarted handler for every container. For a sidecar of its
 // pod (meshagent.io/sidecars) it writes the values the NRI plugin would
 // have set (SidecarValuesFor) into the container's cgroup (found from the
-// pid, either cgroup driver) and /proc/PID/oom_score_adj. It does nothing
-// when NRI applies them, for other containers, or with the cgroup-writes
-// switch off. A policy that cannot be applied is an event and an error;
+// pid, either cgroup driver) and /proc/PID/oom_score_adj. With NRI in
+// force it writes only what NRI cannot (CFS burst, the pod quota of add
+// mode), or nothing. It does nothing for other containers or with the
+// cgroup-writes switch off. A policy that cannot be applied is an event and an error;
 // nothing is written for that container.
 func (a *Agent) ApplyKubeSidecar(ctx context.Context, s KubeSidecar) error {
 	n := a.nri
-	if !isSidecar(s.Annotations, s.Container) || n.active() || !a.Switch(SwitchCgroupWrites) {
+	if !isSidecar(s.Annotations, s.Container) || !a.Switch(SwitchCgroupWrites) {
 		return nil
 	}
-	v, err := n.kube.apply(ctx, s)
+	nri := n.active()
+	if nri && !needsTaskStart(s.Annotations) {
+		return nil // NRI set everything before the sidecar ran
+	}
+	v, err := n.kube.apply(ctx, s, nri)
 	if err != nil {
 		err = fmt.Errorf("pod %s container %s pid %d: %w", s.Pod, s.Container, s.PID, err)
 		a.record(Event{Time: time.Now(), Pod: s.Pod, Container: s.Container, PID: s.PID, Type: EvCgroupError,
@@ -54,6 +59,14 @@ func (a *Agent) ApplyKubeSidecar(ctx context.Context, s KubeSidecar) error {
 	a.record(Event{Time: time.Now(), Pod: s.Pod, Container: s.Container, PID: s.PID, Type: EvPolicyApply,
 		Reason: v.String(), Fields: map[string]string{"role": string(RoleSidecar), "path": ModeTaskStart}})
 	return nil
+}
+
+// needsTaskStart reports whether a policy has parts NRI cannot set: CFS
+// burst and the pod-quota raise of add mode. A bad policy says no: the NRI
+// plugin already reported it.
+func needsTaskStart(ann map[string]string) bool {
+	pol, err := cgroup.PolicyFromAnnotations(ann)
+	return err == nil && (!pol.Burst.IsZero() || (pol.Mode == cgroup.CPUAdd && !pol.CPU.IsZero()))
 }
 
 // kubePolicy applies sidecar values to Kubernetes containers through the
@@ -95,8 +108,10 @@ func (k *kubePolicy) close() {
 
 // apply writes the sidecar's values. The oom_score_adj the task has now
 // is kubelet's (the pod's QoS value), which the NRI plugin reads from its
-// request; so both paths compute the same.
-func (k *kubePolicy) apply(ctx context.Context, s KubeSidecar) (SidecarValues, error) {
+// request; so both paths compute the same. After NRI (afterNRI) the task
+// already has meshagent's value, which is kept; the rest (burst, add mode)
+// is written.
+func (k *kubePolicy) apply(ctx context.Context, s KubeSidecar, afterNRI bool) (SidecarValues, error) {
 	m, err := k.manager()
 	if err != nil {
 		return SidecarValues{}, err
@@ -125,6 +140,10 @@ func (k *kubePolicy) apply(ctx context.Context, s KubeSidecar) (SidecarValues, e
 		return SidecarValues{}, err
 	}
 	adj := v.OOMScoreAdj
+	if afterNRI {
+		adj = kubeletAdj // NRI's value, in place since the first instruction
+		v.OOMScoreAdj = adj
+	}
 	pol.OOMScoreAdj = &adj // as computed from kubelet's value, not from the value we set
 	t := cgroup.Target{
 		Pod: "k8s-" + ref.PodUID, PodGroup: ref.PodGroup,

@@ -169,6 +169,18 @@ func TestNRISetsSidecarValuesBeforeItRuns(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, ra.ApplyKubeSidecar(ctx, KubeSidecar{Pod: pod.Name, Annotations: nriPodSpec("x").Annotations, Container: "proxy", PID: pid}))
 	assert.Equal(t, uint64(0), ra.NRIStatus().TaskStart)
+
+	// CFS burst has no NRI field: the task-start path writes it, and keeps
+	// the oom_score_adj NRI set.
+	burst := nriPodSpec("nriburst")
+	burst.Annotations["sidecar.meshagent.io/cpu-burst"] = "100m"
+	bp := rt.StartPod(t, burst)
+	pid, err = rt.PID(ctx, bp.ContainerID("proxy"))
+	require.NoError(t, err)
+	require.NoError(t, ra.ApplyKubeSidecar(ctx, KubeSidecar{Pod: bp.Name, Annotations: burst.Annotations, Container: "proxy", PID: pid}))
+	assert.Equal(t, uint64(1), ra.NRIStatus().TaskStart)
+	assert.Equal(t, "10000", readFileT(t, filepath.Join(cpuDirOf(t, pid), "cpu.cfs_burst_us")))
+	checkKubeValues(t, rt, bp)
 }
 
 func TestNRISwitchOffLeavesContainersAlone(t *testing.T) {
