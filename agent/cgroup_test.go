@@ -359,7 +359,7 @@ func TestCgroupOOMKillsSidecarAloneAndRestartsIt(t *testing.T) {
 	assert.Contains(t, m, fmt.Sprintf(`meshagent_sidecar_restarts_total{cause="oom",container="proxy",pod=%q} 1`, pod))
 }
 
-func TestCgroupOffWithoutPrivilegeIsOneReason(t *testing.T) {
+func TestCgroupOffByConfig(t *testing.T) {
 	cfg := testConfig(t, PodSpec{Name: "x", Containers: []ContainerSpec{{Name: "a", Role: RoleApp, Command: "true"}}})
 	cfg.Node.Cgroup.Enabled = "off"
 	a, err := New(cfg, WithCgroups())
@@ -395,4 +395,18 @@ func TestCgroupLeavesNoGoroutinesOrFDs(t *testing.T) {
 	ra.stop(t)
 	goleak.VerifyNone(t, ignore, goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"))
 	eventually(t, 2*time.Second, "fds back to the baseline", func() bool { return countFDs(t) <= fdsBefore })
+}
+
+func TestCgroupOffWithoutCgroupFSOrRoot(t *testing.T) {
+	cfg := testConfig(t, PodSpec{Name: "x", Containers: []ContainerSpec{{Name: "a", Role: RoleApp, Command: "true"}}})
+	cfg.Node.Cgroup.Root = t.TempDir() // no cgroup fs here
+	a, err := New(cfg, WithCgroups())
+	require.NoError(t, err)
+	st := a.CgroupStatus()
+	assert.False(t, st.Enabled)
+	if os.Geteuid() != 0 {
+		assert.Contains(t, st.Reason, "not root")
+		return
+	}
+	assert.Contains(t, st.Reason, cfg.Node.Cgroup.Root)
 }
