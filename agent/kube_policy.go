@@ -150,7 +150,14 @@ func (k *kubePolicy) apply(ctx context.Context, s KubeSidecar, afterNRI bool) (S
 		Sidecar:     cgroup.Container{Name: s.Container, Group: ref.Group},
 		PodCPULimit: podMillis, Policy: pol,
 	}
-	if _, err := m.Apply(ctx, t); err != nil {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	_, err = m.Apply(ctx, t)
+	// A pass over no target closes the knob files Apply kept open and
+	// forgets what it applied: a Kubernetes container is set once per
+	// task start, not reconciled, and pods come and go by the thousand.
+	m.Reconcile(ctx, nil)
+	if err != nil {
 		return SidecarValues{}, err
 	}
 	return v, nil

@@ -150,7 +150,14 @@ func (n *nriPlugin) run(ctx context.Context) {
 			stub.WithSocketPath(n.socket), stub.WithLogger(nriLogger{n.a.log}),
 			stub.WithOnClose(func() { once.Do(func() { close(closed) }) }))
 		if err == nil {
-			err = s.Start(ctx)
+			err = n.start(ctx, s)
+		}
+		if ctx.Err() != nil {
+			if err == nil {
+				s.Stop()
+				s.Wait()
+			}
+			return
 		}
 		if err != nil {
 			n.setConn(false, err)
@@ -176,6 +183,21 @@ func (n *nriPlugin) run(ctx context.Context) {
 			n.setConn(false, fmt.Errorf("connection closed"))
 			n.a.record(Event{Time: time.Now(), Type: EvNRILost, Reason: "NRI connection at " + n.socket + " closed; reconnecting"})
 		}
+	}
+}
+
+// start registers s. The stub's Start waits for containerd's Configure
+// without a bound, under a lock its Stop also takes: a runtime that
+// accepts the connection and never configures would hold the agent's
+// shutdown forever, so on ctx's end the attempt is abandoned.
+func (n *nriPlugin) start(ctx context.Context, s stub.Stub) error {
+	done := make(chan error, 1)
+	go func() { done <- s.Start(ctx) }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
