@@ -201,6 +201,7 @@ func TestNRISwitchOffLeavesContainersAlone(t *testing.T) {
 }
 
 func TestNRIReconnectsWhenContainerdRestarts(t *testing.T) {
+	critest.CheckLeaks(t)
 	d := critest.StartDaemon(t, critest.V2)
 	ra := startAgent(t, nriConfig(t, d.NRISocket))
 	waitNRI(t, ra.Agent, true)
@@ -215,10 +216,8 @@ func TestNRIReconnectsWhenContainerdRestarts(t *testing.T) {
 }
 
 func TestTaskStartFallbackSetsTheSameValues(t *testing.T) {
+	critest.CheckLeaks(t)
 	sock := critest.Socket(t, critest.V16)
-	if testing.Short() {
-		t.Skip("short")
-	}
 	// An NRI socket that does not exist, as on containerd 1.6.
 	ra := startAgent(t, nriConfig(t, filepath.Join(t.TempDir(), "nri.sock")))
 	eventually(t, 5*time.Second, "a failed NRI attempt", func() bool { return ra.NRIStatus().LastError != "" })
