@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -234,8 +236,8 @@ func (c *hostCgroups) ensurePod(pod *PodSpec) error {
 	for k, g := range groups {
 		c.groups[k] = g
 		if _, ok := c.oomSeen[k]; !ok {
-			if st, err := c.m.Stats(g); err == nil {
-				c.oomSeen[k] = st.OOMKills
+			if n, err := c.oomKills(g); err == nil {
+				c.oomSeen[k] = n
 			}
 		}
 	}
@@ -307,20 +309,40 @@ func (c *hostCgroups) noteOOM(pod, container string) {
 	if !ok {
 		return
 	}
-	st, err := c.m.Stats(g)
+	kills, err := c.oomKills(g)
 	if err != nil {
 		return // the group is gone: the pod was removed
 	}
 	c.mu.Lock()
 	seen, known := c.oomSeen[k]
-	if st.OOMKills > seen || !known {
-		c.oomSeen[k] = st.OOMKills
+	if kills > seen || !known {
+		c.oomSeen[k] = kills
 	}
 	c.mu.Unlock()
-	if !known || st.OOMKills <= seen {
+	if !known || kills <= seen {
 		return
 	}
 	c.a.postToPod(pod, InOOM{Container: container})
+}
+
+// oomKills reads the group's own OOM kill counter (v1 memory.oom_control,
+// v2 memory.events): one small read on every container exit, where the
+// full Stats would cost milliseconds.
+func (c *hostCgroups) oomKills(g cgroup.Group) (uint64, error) {
+	f := filepath.Join(c.m.Root(), string(g), "memory.events")
+	if c.m.Mode() != cgroup.ModeV2 {
+		f = filepath.Join(c.m.Root(), "memory", string(g), "memory.oom_control")
+	}
+	b, err := os.ReadFile(f)
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "oom_kill "); ok {
+			return strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("%s: no oom_kill counter", f)
 }
 
 // postToPod hands an input to a pod's loop unless the pod is gone.

@@ -2,7 +2,9 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"io"
+	"os"
 	"log/slog"
 	"testing"
 
@@ -31,5 +33,55 @@ func BenchmarkNRICreateContainer(b *testing.B) {
 		if err != nil || adj == nil {
 			b.Fatal("no adjustment", err)
 		}
+	}
+}
+
+// BenchmarkHostStart is the time from Start to the command running, for a
+// sidecar without and with the cgroup policy (group placement and
+// oom_score_adj in the exec shim, pod values applied before it runs).
+func BenchmarkHostStart(b *testing.B) {
+	for _, cg := range []bool{false, true} {
+		name := "plain"
+		if cg {
+			name = "cgroups"
+		}
+		b.Run(name, func(b *testing.B) {
+			if cg && os.Geteuid() != 0 {
+				b.Skip("needs root to create cgroups")
+			}
+			dir := b.TempDir()
+			pod := PodSpec{Name: fmt.Sprintf("bench-%d", os.Getpid()), Resources: PodResources{CPU: "1"},
+				SidecarPolicy: map[string]string{"cpu": "200m"},
+				Containers: []ContainerSpec{{Name: "proxy", Role: RoleSidecar, Command: "/bin/true"}}}
+			cfg := &Config{Node: Node{AdminSocket: dir + "/admin.sock", StateDir: dir + "/state", MetricsAddr: "off"},
+				Pods: []PodSpec{pod}}
+			cfg.setDefaults()
+			opts := []Option{WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}
+			if cg {
+				opts = append(opts, WithCgroups())
+			}
+			a, err := New(cfg, opts...)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if cg && a.cg.m == nil {
+				b.Fatal("cgroups off: ", a.cg.off)
+			}
+			p, c := &cfg.Pods[0], &cfg.Pods[0].Containers[0]
+			b.Cleanup(func() {
+				if a.cg != nil && a.cg.m != nil {
+					a.cg.removePod(p.Name)
+					a.cg.w.Close()
+					a.cg.m.Close()
+				}
+			})
+			for b.Loop() {
+				proc, err := a.rt.Start(context.Background(), p, c)
+				if err != nil {
+					b.Fatal(err)
+				}
+				<-proc.Done()
+			}
+		})
 	}
 }
