@@ -4,8 +4,8 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"os"
 	"log/slog"
+	"os"
 	"testing"
 
 	"github.com/containerd/nri/pkg/api"
@@ -52,7 +52,7 @@ func BenchmarkHostStart(b *testing.B) {
 			dir := b.TempDir()
 			pod := PodSpec{Name: fmt.Sprintf("bench-%d", os.Getpid()), Resources: PodResources{CPU: "1"},
 				SidecarPolicy: map[string]string{"cpu": "200m"},
-				Containers: []ContainerSpec{{Name: "proxy", Role: RoleSidecar, Command: "/bin/true"}}}
+				Containers:    []ContainerSpec{{Name: "proxy", Role: RoleSidecar, Command: "/bin/true"}}}
 			cfg := &Config{Node: Node{AdminSocket: dir + "/admin.sock", StateDir: dir + "/state", MetricsAddr: "off"},
 				Pods: []PodSpec{pod}}
 			cfg.setDefaults()
