@@ -33,6 +33,9 @@ type Agent struct {
 	ready      chan struct{}
 
 	ops // operations: switches, metrics, reload, inspections, systemd (ops.go)
+
+	cg  *hostCgroups // cgroup policy of host-mode pods (cgroup.go); nil when not wanted
+	nri *nriPlugin   // NRI plugin for Kubernetes sidecars (nri.go); nil when not configured
 }
 
 // Option configures an Agent.
@@ -84,6 +87,8 @@ func New(cfg *Config, opts ...Option) (*Agent, error) {
 	if a.rt == nil {
 		a.rt = &HostRuntime{LogDir: filepath.Join(cfg.Node.StateDir, "logs")}
 	}
+	a.initCgroups() // cgroup.go
+	a.initNRI()     // nri.go
 	return a, nil
 }
 
@@ -121,6 +126,8 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	a.podsCtx, a.podsCancel = context.WithCancel(context.Background())
 	defer a.podsCancel()
+	stopFeatures := a.startFeatures() // cgroup.go: after the pods, before the admin socket
+	defer stopFeatures()
 	a.reloadMu.Lock() // a reload waits for start-up to finish
 	for i := range a.cfg.Pods {
 		a.addPod(&a.cfg.Pods[i])

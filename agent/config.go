@@ -44,6 +44,9 @@ type Node struct {
 	MetricsAddr string `yaml:"metricsAddr" json:"metricsAddr"`
 	// Inspect holds the thresholds of `meshagent ctl inspect`.
 	Inspect InspectPolicy `yaml:"inspect" json:"inspect"`
+	// Cgroup and NRI configure the resource policy (config_cgroup.go).
+	Cgroup CgroupNode `yaml:"cgroup" json:"cgroup"`
+	NRI    NRINode    `yaml:"nri" json:"nri"`
 }
 
 // InspectPolicy holds the thresholds of the node inspections.
@@ -67,6 +70,10 @@ type PodSpec struct {
 	Name       string          `yaml:"name" json:"name"`
 	Startup    StartupPolicy   `yaml:"startup" json:"startup"`
 	Containers []ContainerSpec `yaml:"containers" json:"containers"`
+	// Resources are the pod cgroup's own limits; SidecarPolicy is the
+	// cgroup policy of its sidecar (config_cgroup.go).
+	Resources     PodResources      `yaml:"resources" json:"resources,omitzero"`
+	SidecarPolicy map[string]string `yaml:"sidecarPolicy" json:"sidecarPolicy,omitempty"`
 }
 
 // StartupPolicy bounds how long apps wait for their sidecars.
@@ -361,6 +368,7 @@ func (c *Config) setDefaults() {
 	for i := range c.Pods {
 		c.Pods[i].setDefaults()
 	}
+	c.Node.Cgroup.setDefaults()
 }
 
 func (p *PodSpec) setDefaults() {
@@ -458,6 +466,7 @@ func (c *Config) Validate() error {
 	if p := c.Node.Inspect.FSMaxUsedPercent; p < 0 || p > 100 {
 		add("node.inspect.fsMaxUsedPercent", "want 1 to 100, got %d", p)
 	}
+	errs = append(errs, c.validateCgroup()...) // config_cgroup.go
 	pods := map[string]bool{}
 	for i := range c.Pods {
 		p := &c.Pods[i]

@@ -24,4 +24,13 @@
 // pods in line with the config file without touching unchanged ones.
 // Inspections (inspect.go) are Checks run on demand; features add theirs
 // with WithCheck. A Notifier (systemd) hears READY, RELOADING and STOPPING.
+//
+// Resource policy: with WithCgroups (cgroup.go) the host runtime gets a
+// Preparer that places every container in meshagent/<pod>/<container>
+// through the exec shim and gives sidecars their oom_score_adj there,
+// applies the pod's values before each start, reconciles them periodically
+// and feeds OOM kills to the machine (InOOM) before the exit they caused.
+// For Kubernetes pods, nri.go is an NRI plugin that sets a sidecar's values
+// in its CreateContainer adjustment, and kube_policy.go (ApplyKubeSidecar)
+// writes the same values on task start where containerd has no NRI.
 package agent

@@ -32,7 +32,7 @@ func cmdCtl(args []string, stdout io.Writer) error {
 	}
 	rest := fs.Args()
 	if len(rest) == 0 {
-		return errors.New("ctl: want a command: pods, pod, restart, restart-pod, events, switch, reload, inspect, metrics")
+		return errors.New("ctl: want a command: pods, pod, restart, restart-pod, events, switch, reload, inspect, metrics, status, plan")
 	}
 	// Flags may also follow the command: `ctl pods --json`.
 	cmd, rest := rest[0], rest[1:]
@@ -122,6 +122,9 @@ func cmdCtl(args []string, stdout io.Writer) error {
 		return out(evs, func(w io.Writer) { eventTable(w, evs) })
 	default:
 		if handled, err := ctlOps(ctx, c, cmd, rest, *asJSON, stdout, out); handled { // ctl_ops.go
+			return err
+		}
+		if handled, err := ctlFeatures(ctx, c, cmd, rest, out); handled { // ctl_features.go
 			return err
 		}
 		return fmt.Errorf("ctl: unknown command %q", cmd)

@@ -71,7 +71,7 @@ func usage(w io.Writer) {
 	fmt.Fprint(w, `usage:
   meshagent run --config FILE
   meshagent ctl [--socket PATH] [--json] pods | pod NAME | restart POD/CONTAINER | restart-pod POD | events [--pod NAME]
-  meshagent ctl [--socket PATH] [--json] switch list | switch set NAME on|off | reload | inspect | metrics
+  meshagent ctl [--socket PATH] [--json] switch list | switch set NAME on|off | reload | inspect | metrics | status | plan
   meshagent version
 `)
 }
