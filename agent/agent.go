@@ -133,6 +133,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.addPod(&a.cfg.Pods[i])
 	}
 	a.gcState()
+	a.waitStarted()
 	close(a.ready)
 	a.log.Info("meshagent running", "pods", len(a.cfg.Pods), "admin", a.cfg.Node.AdminSocket)
 	a.notifyReady() // before a waiting reload can send RELOADING=1
@@ -152,6 +153,20 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.podsCancel()
 	a.podsWG.Wait()
 	return nil
+}
+
+// waitStarted waits until every pod has taken its start (left the stopped
+// phase), so "ready" means supervising: what ctl shows is the pods being
+// started, not a pod that has not been looked at yet. Starting is quick (a
+// fork and exec per sidecar); the bound only guards against a stuck runtime.
+func (a *Agent) waitStarted() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, r := range a.runners() {
+		if err := r.waitPhase(ctx, PhasePending, PhaseRunning, PhaseFailed); err != nil {
+			a.log.Warn("pod not started yet at start-up", "pod", r.spec.Name, "err", err)
+		}
+	}
 }
 
 func (a *Agent) addPod(spec *PodSpec) {
