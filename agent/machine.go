@@ -334,6 +334,8 @@ func (m *Machine) Handle(now time.Time, in Input) []Action {
 		}
 	case InTimer:
 		m.timerFired(o, in)
+	case InSwap:
+		m.swap(o, in)
 	default:
 		panic(fmt.Sprintf("agent: unknown machine input %T", in))
 	}

@@ -71,6 +71,7 @@ func usage(w io.Writer) {
 	fmt.Fprint(w, `usage:
   meshagent run --config FILE
   meshagent ctl [--socket PATH] [--json] pods | pod NAME | restart POD/CONTAINER | restart-pod POD | events [--pod NAME]
+      | upgrade POD/SIDECAR --command PATH [--arg A]... [--version V] [--wait D]
   meshagent version
 `)
 }
