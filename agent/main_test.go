@@ -20,7 +20,9 @@ func TestMain(m *testing.M) {
 	RunShimIfRequested()
 	switch os.Getenv("MESHAGENT_TEST_CHILD") {
 	case "":
-		os.Exit(m.Run())
+		code := m.Run()
+		removeDemoBins()
+		os.Exit(code)
 	case "sidecar":
 		testSidecar()
 	case "app":
