@@ -41,6 +41,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -252,6 +253,7 @@ func (s *sidecar) run(ctx context.Context, stopSignals func()) int {
 		go func() { adminDone <- adminSrv.Serve(s.admin) }()
 	}
 	proxySrv := &http.Server{Handler: s.proxy(), ReadHeaderTimeout: 10 * time.Second}
+	fresh := trackFresh(proxySrv)
 	proxyDone := make(chan error, 1)
 
 	// Not ready yet: we do not accept, so connections queue in the kernel.
@@ -304,8 +306,14 @@ loop:
 	dctx, cancel := context.WithTimeout(context.Background(), s.c.drain)
 	defer cancel()
 	if serving {
-		// Shutdown closes our copy of the socket at once (another holder keeps
-		// it open and accepting), then waits for in-flight requests.
+		// Stop accepting first: closing our copy of the socket leaves the
+		// queued connections to another holder (the next sidecar during a
+		// hot upgrade). Connections we accepted but whose request we have
+		// not read yet would be dropped unanswered by Shutdown (net/http
+		// closes a connection whose request arrives after Shutdown began),
+		// so let them become active first.
+		s.ln.Close()
+		fresh.wait(dctx, time.Second)
 		if err := proxySrv.Shutdown(dctx); err != nil {
 			s.log.Warn("drain deadline passed, closing remaining connections", "err", err)
 			proxySrv.Close()
@@ -365,4 +373,39 @@ func (s *sidecar) proxy() http.Handler {
 		w.Header().Set("X-Demo-Sidecar", who)
 		rp.ServeHTTP(w, r)
 	})
+}
+
+// freshConns tracks the server's connections whose first request has not
+// been read yet (http.StateNew).
+type freshConns struct {
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+}
+
+func trackFresh(srv *http.Server) *freshConns {
+	f := &freshConns{conns: map[net.Conn]struct{}{}}
+	srv.ConnState = func(c net.Conn, st http.ConnState) {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		if st == http.StateNew {
+			f.conns[c] = struct{}{}
+		} else {
+			delete(f.conns, c)
+		}
+	}
+	return f
+}
+
+// wait returns once no connection is fresh, or after at most d.
+func (f *freshConns) wait(ctx context.Context, d time.Duration) {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		f.mu.Lock()
+		n := len(f.conns)
+		f.mu.Unlock()
+		if n == 0 {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
