@@ -164,10 +164,18 @@ func startDemoAgent(tb testing.TB, pods ...PodSpec) *demoAgent {
 	if err := cfg.Validate(); err != nil {
 		tb.Fatal(err)
 	}
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	if testing.Verbose() && os.Getenv("MESHAGENT_TEST_LOG") != "" {
-		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	// The agent's log goes to a file, shown when the test fails.
+	logPath := filepath.Join(dir, "agent.log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		tb.Fatal(err)
 	}
+	tb.Cleanup(func() { logf.Close() })
+	var w io.Writer = logf
+	if testing.Verbose() && os.Getenv("MESHAGENT_TEST_LOG") != "" {
+		w = io.MultiWriter(logf, os.Stderr)
+	}
+	log := slog.New(slog.NewTextHandler(w, nil))
 	rec := &eventRecorder{}
 	a, err := New(cfg, WithLogger(log), WithEventHook(rec.hook))
 	if err != nil {
@@ -198,6 +206,12 @@ func startDemoAgent(tb testing.TB, pods ...PodSpec) *demoAgent {
 		da.stop()
 		if tb.Failed() {
 			dumpLogs(tb, filepath.Join(cfg.Node.StateDir, "logs"))
+			b, _ := os.ReadFile(logPath)
+			lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+			if len(lines) > 60 {
+				lines = lines[len(lines)-60:]
+			}
+			tb.Logf("agent log (last %d lines):\n%s", len(lines), strings.Join(lines, "\n"))
 		}
 	})
 	for _, p := range pods {

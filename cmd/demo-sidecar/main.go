@@ -300,6 +300,12 @@ loop:
 	stopSignals() // a second signal kills us the default way
 
 	s.ready.Store(false)
+	// The admin endpoint goes first: when its socket is shared with our
+	// successor (a hot upgrade), the supervisor's readiness checks must
+	// reach the successor, not a draining process answering "not ready".
+	if s.admin != nil {
+		adminSrv.Close()
+	}
 	s.notifyState("STOPPING=1")
 	s.mark("stopping")
 	s.log.Info("draining", "deadline", s.c.drain.String())
@@ -321,9 +327,6 @@ loop:
 		<-proxyDone
 	} else {
 		s.ln.Close()
-	}
-	if s.admin != nil {
-		adminSrv.Close()
 	}
 	s.mark("exit")
 	s.log.Info("exiting", "requests", s.requests.Load())
