@@ -185,6 +185,15 @@ func (h *sidecarHandoff) beginStart(shadow bool) (end func(pid int)) {
 	}
 }
 
+// forget drops pid as the sidecar's process once it exited.
+func (h *sidecarHandoff) forget(pid int) {
+	h.mu.Lock()
+	if h.pid == pid {
+		h.pid = 0
+	}
+	h.mu.Unlock()
+}
+
 func (h *sidecarHandoff) setPID(pid int) {
 	h.mu.Lock()
 	h.pid = pid

@@ -7,10 +7,11 @@ import "strconv"
 // the container's process. The old process's later exit no longer matches
 // the container's pid and is ignored, so stopping it is the runner's
 // business, not a restart. The swap is refused (no actions, the pid stays)
-// unless the container is running or ready in a pod that is not stopping;
-// the runner then kills the new process.
+// unless the container is running or ready with the process Old in a pod
+// that is not stopping; the runner then kills the new process.
 type InSwap struct {
 	Container string
+	Old       int // the process the new one replaces
 	PID       int
 }
 
@@ -18,7 +19,7 @@ func (InSwap) input() {}
 
 func (m *Machine) swap(o *out, in InSwap) {
 	c := m.get(in.Container)
-	if c == nil || c.PID == 0 || in.PID <= 0 || in.PID == c.PID ||
+	if c == nil || c.PID == 0 || c.PID != in.Old || in.PID <= 0 || in.PID == c.PID ||
 		m.Phase == PhaseStopping || m.Phase == PhaseStopped ||
 		(c.State != StateRunning && c.State != StateReady) {
 		return

@@ -244,7 +244,7 @@ func (r *podRunner) upgrade(ctx context.Context, name string, req UpgradeRequest
 	err = r.call(ctx, func() {
 		prev := r.procs[name]
 		r.procs[name] = p
-		r.apply(InSwap{Container: name, PID: p.PID()})
+		r.apply(InSwap{Container: name, Old: old.PID(), PID: p.PID()})
 		r.mu.Lock()
 		now, _ := r.m.Container(name)
 		if now.PID == p.PID() {
@@ -261,7 +261,6 @@ func (r *podRunner) upgrade(ctx context.Context, name string, req UpgradeRequest
 			h.endShadow(true)
 		}
 		r.hx.watches[name] = w
-		r.persist()
 	})
 	if err != nil || !swapped {
 		killWait(p)
@@ -317,6 +316,9 @@ func (r *podRunner) beforeInput(in Input) {
 	e, ok := in.(InExited)
 	if !ok {
 		return
+	}
+	if h := r.hx.get(e.Container); h != nil {
+		h.forget(e.PID) // a pid that may be reused must not stay authorized
 	}
 	w := r.hx.watches[e.Container]
 	if w == nil || w.newPID != e.PID {
