@@ -253,7 +253,7 @@ func (s *sidecar) run(ctx context.Context, stopSignals func()) int {
 		go func() { adminDone <- adminSrv.Serve(s.admin) }()
 	}
 	proxySrv := &http.Server{Handler: s.proxy(), ReadHeaderTimeout: 10 * time.Second}
-	fresh := trackFresh(proxySrv)
+	conns := trackConns(proxySrv)
 	proxyDone := make(chan error, 1)
 
 	// Not ready yet: we do not accept, so connections queue in the kernel.
@@ -314,12 +314,15 @@ loop:
 	if serving {
 		// Stop accepting first: closing our copy of the socket leaves the
 		// queued connections to another holder (the next sidecar during a
-		// hot upgrade). Connections we accepted but whose request we have
-		// not read yet would be dropped unanswered by Shutdown (net/http
-		// closes a connection whose request arrives after Shutdown began),
-		// so let them become active first.
+		// hot upgrade). Then no more keep-alive: idle connections are
+		// closed (a client retries an idempotent request on a reused
+		// connection), every other one gets one more answer with
+		// "Connection: close". Only then Shutdown, which would drop a
+		// request read after it began, unanswered, even on a connection
+		// the client never used before (and so does not retry on).
 		s.ln.Close()
-		fresh.wait(dctx, time.Second)
+		proxySrv.SetKeepAlivesEnabled(false)
+		conns.waitNone(dctx)
 		if err := proxySrv.Shutdown(dctx); err != nil {
 			s.log.Warn("drain deadline passed, closing remaining connections", "err", err)
 			proxySrv.Close()
@@ -378,31 +381,30 @@ func (s *sidecar) proxy() http.Handler {
 	})
 }
 
-// freshConns tracks the server's connections whose first request has not
-// been read yet (http.StateNew).
-type freshConns struct {
+// connSet tracks the server's open connections.
+type connSet struct {
 	mu    sync.Mutex
 	conns map[net.Conn]struct{}
 }
 
-func trackFresh(srv *http.Server) *freshConns {
-	f := &freshConns{conns: map[net.Conn]struct{}{}}
+func trackConns(srv *http.Server) *connSet {
+	f := &connSet{conns: map[net.Conn]struct{}{}}
 	srv.ConnState = func(c net.Conn, st http.ConnState) {
 		f.mu.Lock()
 		defer f.mu.Unlock()
-		if st == http.StateNew {
-			f.conns[c] = struct{}{}
-		} else {
+		switch st {
+		case http.StateClosed, http.StateHijacked:
 			delete(f.conns, c)
+		default:
+			f.conns[c] = struct{}{}
 		}
 	}
 	return f
 }
 
-// wait returns once no connection is fresh, or after at most d.
-func (f *freshConns) wait(ctx context.Context, d time.Duration) {
-	deadline := time.Now().Add(d)
-	for time.Now().Before(deadline) && ctx.Err() == nil {
+// waitNone returns once no connection is open, or when ctx ends.
+func (f *connSet) waitNone(ctx context.Context) {
+	for ctx.Err() == nil {
 		f.mu.Lock()
 		n := len(f.conns)
 		f.mu.Unlock()
