@@ -85,10 +85,13 @@ func BenchmarkHandoffUpgradeUnderLoad(b *testing.B) {
 	gap := (during - time.Second) / time.Duration(upgrades)
 	start := time.Now()
 	var ready []time.Duration
+	var spans [][2]time.Duration // upgrade start and end, from the load's start
 	ok, rolled := 0, 0
 	for i := 0; i < upgrades; i++ {
 		time.Sleep(time.Until(start.Add(time.Duration(i) * gap)))
+		t0 := time.Since(start)
 		res := upgradeTo(b, da, d, fmt.Sprintf("v%d", i+2))
+		spans = append(spans, [2]time.Duration{t0, time.Since(start)})
 		if res.Outcome == UpgradeSucceeded {
 			ok++
 			ready = append(ready, res.ReadyAfter)
@@ -106,6 +109,9 @@ func BenchmarkHandoffUpgradeUnderLoad(b *testing.B) {
 	loadHeader(b)
 	loadRow(b, "baseline", base)
 	loadRow(b, "with upgrades", res)
+	with, without := windowP99s(res.Windows, spans)
+	b.Logf("  median of per-second p99s in the same run: %s in the %d seconds with an upgrade, %s in the %d without",
+		ms(median(with)), len(with), ms(median(without)), len(without))
 	if len(ready) > 0 {
 		b.Logf("  new process ready after p50 %s, max %s (start to READY=1)", ms(ready[len(ready)/2]), ms(ready[len(ready)-1]))
 	}
@@ -115,6 +121,40 @@ func BenchmarkHandoffUpgradeUnderLoad(b *testing.B) {
 	b.ReportMetric(float64(res.Counts.Refused), "refused")
 	b.ReportMetric(msf(base.Latency.P99), "baseline_p99_ms")
 	b.ReportMetric(msf(res.Latency.P99), "upgrade_p99_ms")
+	b.ReportMetric(msf(median(with)), "win_p99_upgrading_ms")
+	b.ReportMetric(msf(median(without)), "win_p99_quiet_ms")
+}
+
+// windowP99s splits the per-window p99s by whether an upgrade overlapped
+// the window: the same run, so the same background load on the machine.
+func windowP99s(wins []loadgen.Window, spans [][2]time.Duration) (with, without []time.Duration) {
+	for _, w := range wins {
+		if w.Latency.N == 0 {
+			continue
+		}
+		hit := false
+		for _, s := range spans {
+			if s[0] < w.Start+w.Length && s[1] > w.Start {
+				hit = true
+				break
+			}
+		}
+		if hit {
+			with = append(with, w.Latency.P99)
+		} else {
+			without = append(without, w.Latency.P99)
+		}
+	}
+	return with, without
+}
+
+func median(d []time.Duration) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	d = slices.Clone(d)
+	slices.Sort(d)
+	return d[len(d)/2]
 }
 
 // crashScenario SIGKILLs the sidecar crashes times under load.

@@ -14,4 +14,12 @@
 // Process handles it returns. Processes are not children of the agent's
 // lifetime: an agent that exits (or is killed) leaves them running, and
 // the next agent adopts them from the state directory.
+//
+// Sidecars with a handoff section keep their listening sockets for the
+// pod's life: the podRunner owns one handoff.Store per such sidecar
+// (handoff.go), passes the held sockets to every start as LISTEN_FDS and
+// closes the stores only when the pod goes. A hot upgrade (upgrade.go)
+// starts the new process beside the old one on those sockets, unknown to
+// the Machine, and hands it over with one input (InSwap) once it is
+// ready; the fuse (readiness deadline, watch window) rolls it back.
 package agent

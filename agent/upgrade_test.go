@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -11,6 +13,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
 
 	"github.com/meshagent/meshagent/internal/loadgen"
 )
@@ -292,4 +295,25 @@ func TestHandoffConfigErrors(t *testing.T) {
 	_, err := ParseConfig([]byte("pods:\n- name: p\n  containers:\n  - {name: s, role: sidecar, command: x, handoff: {fdstore: true}}\n"))
 	require.Error(t, err)
 	assert.True(t, strings.Contains(err.Error(), "pods[0].containers[0].handoff.fdstore"), err.Error())
+}
+
+func TestHandoffLeavesNoGoroutinesOrFDs(t *testing.T) {
+	d := newDemoPod(t, "leak", demoPodOpts{store: true, watch: 50 * time.Millisecond})
+	fdsBefore := countFDs(t)
+	ignore := goleak.IgnoreCurrent()
+	da := startDemoAgent(t, d.spec)
+	res := upgradeTo(t, da, d, "v2")
+	require.Equal(t, UpgradeSucceeded, res.Outcome, res.Reason)
+	res, err := da.Upgrade(context.Background(), "leak", "proxy", UpgradeRequest{
+		Command: d.sidecarBin, Args: d.sidecarArgs(time.Hour, "v3"), Version: "v3"})
+	require.NoError(t, err)
+	require.Equal(t, UpgradeRolledBack, res.Outcome)
+	pid := da.status(t, "leak", "proxy").PID
+	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+	da.waitReady(t, "leak", "proxy", pid)
+	da.stop()
+	goleak.VerifyNone(t, ignore, goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"))
+	eventually(t, 2*time.Second, "fds back to the baseline", func() bool { return countFDs(t) <= fdsBefore })
+	_, err = os.Stat(podHandoffDir(stateDir{dir: filepath.Dir(da.socket) + "/state"}, "leak"))
+	assert.True(t, os.IsNotExist(err), "the pod's socket directory is left: %v", err)
 }
