@@ -170,7 +170,6 @@ func startDemoAgent(tb testing.TB, pods ...PodSpec) *demoAgent {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	tb.Cleanup(func() { logf.Close() })
 	var w io.Writer = logf
 	if testing.Verbose() && os.Getenv("MESHAGENT_TEST_LOG") != "" {
 		w = io.MultiWriter(logf, os.Stderr)
@@ -200,6 +199,7 @@ func startDemoAgent(tb testing.TB, pods ...PodSpec) *demoAgent {
 			case <-time.After(30 * time.Second):
 				tb.Error("agent did not stop within 30s")
 			}
+			logf.Close() // the agent's last line is written
 		})
 	}
 	tb.Cleanup(func() {

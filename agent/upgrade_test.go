@@ -298,7 +298,7 @@ func TestHandoffConfigErrors(t *testing.T) {
 }
 
 func TestHandoffLeavesNoGoroutinesOrFDs(t *testing.T) {
-	d := newDemoPod(t, "leak", demoPodOpts{store: true, watch: 50 * time.Millisecond})
+	d := newDemoPod(t, "leak", demoPodOpts{store: true, watch: 50 * time.Millisecond, readyTimeout: time.Second})
 	fdsBefore := countFDs(t)
 	ignore := goleak.IgnoreCurrent()
 	da := startDemoAgent(t, d.spec)
