@@ -140,6 +140,7 @@ for _ in $(seq 1 200); do
 done
 say "sidecar pid $SC_BEFORE killed, restarted as pid $SC_AFTER"
 load_report
+say "requests sent while it was down waited in the queue (the demo sidecar takes 1s to get ready): slower, not failed."
 
 bold "8. stop the agent: an ordered stop (apps first, then sidecars)"
 LINES=$(wc -l <"$DEMO/agent.log")
