@@ -115,6 +115,9 @@ func BenchmarkHandoffUpgradeUnderLoad(b *testing.B) {
 	if len(ready) > 0 {
 		b.Logf("  new process ready after p50 %s, max %s (start to READY=1)", ms(ready[len(ready)/2]), ms(ready[len(ready)-1]))
 	}
+	if res.Counts.Refused > 0 {
+		b.Errorf("%d connections refused during hot upgrades", res.Counts.Refused)
+	}
 	b.ReportMetric(float64(ok), "upgrades")
 	b.ReportMetric(float64(res.Counts.Scheduled()), "requests")
 	b.ReportMetric(float64(res.Counts.Failed()), "failed")
@@ -193,6 +196,12 @@ func crashScenario(b *testing.B, name string, store bool) {
 	loadRow(b, "with crashes", res)
 	b.Logf("  refused %d; in flight on the killed process (reset+eof) %d; sidecar ready again after p50 %s, max %s",
 		c.Refused, c.Reset+c.EOF, ms(back[len(back)/2]), ms(back[len(back)-1]))
+	switch {
+	case store && c.Refused > 0:
+		b.Errorf("%d connections refused although the agent held the listener", c.Refused)
+	case !store && c.Refused == 0:
+		b.Errorf("the control refused nothing: this load test could not have failed")
+	}
 	b.ReportMetric(float64(crashes), "crashes")
 	b.ReportMetric(float64(c.Scheduled()), "requests")
 	b.ReportMetric(float64(c.Refused), "refused")
