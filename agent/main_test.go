@@ -31,6 +31,8 @@ func TestMain(m *testing.M) {
 		testAgentProcess()
 	case "admin-client":
 		testAdminClient()
+	case "mosn":
+		testMOSN() // handoff_mosn_test.go
 	default:
 		fmt.Fprintln(os.Stderr, "unknown test child", os.Getenv("MESHAGENT_TEST_CHILD"))
 		os.Exit(2)
