@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -105,10 +106,12 @@ func BenchmarkHandoffUpgradeUnderLoad(b *testing.B) {
 		b.Error("the app was restarted")
 	}
 	slices.Sort(ready)
+	b.Logf("load average now %s", loadavg())
 	b.Logf("hot upgrades under load: %d upgrades (%d succeeded, %d rolled back), %.0f req/s, half on new connections (retried: sent again by Go's client after a kept-alive connection closed, counted by final outcome)", upgrades, ok, rolled, rate)
 	loadHeader(b)
 	loadRow(b, "baseline", base)
 	loadRow(b, "with upgrades", res)
+	badSeconds(b, res.Windows, spans)
 	with, without := windowP99s(res.Windows, spans)
 	b.Logf("  median of per-second p99s in the same run: %s in the %d seconds with an upgrade, %s in the %d without",
 		ms(median(with)), len(with), ms(median(without)), len(without))
@@ -126,6 +129,38 @@ func BenchmarkHandoffUpgradeUnderLoad(b *testing.B) {
 	b.ReportMetric(msf(res.Latency.P99), "upgrade_p99_ms")
 	b.ReportMetric(msf(median(with)), "win_p99_upgrading_ms")
 	b.ReportMetric(msf(median(without)), "win_p99_quiet_ms")
+}
+
+// badSeconds lists the seconds with failed or skipped requests or a p99
+// over 1s, and whether an upgrade ran in them: a stall of the whole
+// machine (2 shared cores) hits seconds with and without upgrades alike.
+func badSeconds(b *testing.B, wins []loadgen.Window, spans [][2]time.Duration) {
+	b.Helper()
+	shown := 0
+	for _, w := range wins {
+		c := w.Counts
+		if c.Failed()+c.Skipped == 0 && w.Latency.P99 < time.Second {
+			continue
+		}
+		if shown++; shown > 10 {
+			b.Logf("  ... more bad seconds")
+			return
+		}
+		up := false
+		for _, s := range spans {
+			up = up || (s[0] < w.Start+w.Length && s[1] > w.Start)
+		}
+		b.Logf("  bad second %3d: ok %d failed %d skipped %d p99 %s upgrade running: %v (load %s)", w.Index, c.OK, c.Failed(), c.Skipped, ms(w.Latency.P99), up, loadavg())
+	}
+}
+
+func loadavg() string {
+	raw, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(raw))
+	return strings.Join(f[:min(3, len(f))], " ")
 }
 
 // windowP99s splits the per-window p99s by whether an upgrade overlapped
@@ -191,6 +226,7 @@ func crashScenario(b *testing.B, name string, store bool) {
 		mode = "fd store OFF (control): the sidecar binds its port itself"
 	}
 	c := res.Counts
+	b.Logf("load average now %s", loadavg())
 	b.Logf("SIGKILL crashes under load, %s: %d crashes, %.0f req/s", mode, crashes, rate)
 	loadHeader(b)
 	loadRow(b, "with crashes", res)
