@@ -202,14 +202,13 @@ func (h *sidecarHandoff) setPID(pid int) {
 
 // authorize is the store's Options.Authorize.
 func (h *sidecarHandoff) authorize(pid int32, uid uint32) error {
-	_, err := h.rootOf(pid)
-	if err == nil {
-		return nil
-	}
+	// The starts under way first, then the check: a start that ends in
+	// between has recorded its pid before the check reads it.
 	h.mu.Lock()
 	ch := h.started
 	h.mu.Unlock()
-	if ch == nil {
+	_, err := h.rootOf(pid)
+	if err == nil || ch == nil {
 		return err
 	}
 	t := time.NewTimer(notifyWait)

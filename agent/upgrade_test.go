@@ -226,9 +226,9 @@ func TestSidecarStoredFDsSurviveRestart(t *testing.T) {
 	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
 	da.waitReady(t, "self", "proxy", pid)
 	res := wait()
-	assert.Zero(t, res.Counts.Refused, "%+v", res.Counts)
 	h := da.runner("self").hx.get("proxy")
-	assert.Equal(t, []string{"listen"}, h.store.Names())
+	assert.Equal(t, []string{"listen"}, h.store.Names(), "the fds the sidecar stored")
+	assert.Zero(t, res.Counts.Refused, "%+v", res.Counts)
 }
 
 func TestReadyNotifyOpensGate(t *testing.T) {
