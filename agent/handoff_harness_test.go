@@ -80,12 +80,23 @@ func removeDemoBins() {
 
 func freeTCP(tb testing.TB) string {
 	tb.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
+	return freeTCPs(tb, 1)[0]
+}
+
+// freeTCPs returns n distinct free loopback addresses: all are held until
+// all are picked, so the kernel cannot hand out one port twice.
+func freeTCPs(tb testing.TB, n int) []string {
+	tb.Helper()
+	var out []string
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			tb.Fatal(err)
+		}
+		defer ln.Close()
+		out = append(out, ln.Addr().String())
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	return out
 }
 
 type demoPodOpts struct {
@@ -106,7 +117,8 @@ type demoPod struct {
 func newDemoPod(tb testing.TB, name string, o demoPodOpts) *demoPod {
 	tb.Helper()
 	bins := demoBins(tb)
-	d := &demoPod{listen: freeTCP(tb), admin: freeTCP(tb), app: freeTCP(tb), sidecarBin: filepath.Join(bins, "demo-sidecar"), version: "v1"}
+	addrs := freeTCPs(tb, 3)
+	d := &demoPod{listen: addrs[0], admin: addrs[1], app: addrs[2], sidecarBin: filepath.Join(bins, "demo-sidecar"), version: "v1"}
 	if o.readyAfter == 0 {
 		o.readyAfter = 50 * time.Millisecond
 	}
@@ -351,6 +363,9 @@ func dumpLogs(tb testing.TB, dir string) {
 			if strings.Contains(line, "level=WARN") || strings.Contains(line, "level=ERROR") {
 				keep = append(keep, line)
 			}
+		}
+		if len(keep) == 0 { // no levels (a plain error line): the tail
+			keep = strings.Split(strings.TrimSpace(string(b)), "\n")
 		}
 		if len(keep) > 20 {
 			keep = keep[len(keep)-20:]
