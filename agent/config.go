@@ -110,6 +110,10 @@ type ContainerSpec struct {
 	Readiness      *Readiness    `yaml:"readiness" json:"readiness,omitempty"`
 	Restart        RestartPolicy `yaml:"restart" json:"restart"`
 	Stop           StopPolicy    `yaml:"stop" json:"stop"`
+	// Handoff and Upgrade: listeners held across restarts, hot upgrades
+	// (config_handoff.go).
+	Handoff *HandoffSpec  `yaml:"handoff" json:"handoff,omitempty"`
+	Upgrade UpgradePolicy `yaml:"upgrade" json:"upgrade"`
 }
 
 // Readiness is one check, exactly one of TCP, HTTP, Exec, Unix.
@@ -335,6 +339,9 @@ func (c *Config) resolvePaths(base string) {
 			if strings.Contains(ct.Command, "/") && ct.Workdir == "" {
 				ct.Command = abs(ct.Command)
 			}
+			if h := ct.Handoff; h != nil && h.MOSN != nil {
+				h.MOSN.UDSDir = abs(h.MOSN.UDSDir)
+			}
 		}
 	}
 }
@@ -402,6 +409,7 @@ func (p *PodSpec) setDefaults() {
 		if c.Stop.Grace == 0 {
 			c.Stop.Grace = Duration(10 * time.Second)
 		}
+		c.setHandoffDefaults()
 		if rd := c.Readiness; rd != nil {
 			if rd.Period == 0 {
 				// A TCP check costs the node a loopback handshake (tens of
@@ -553,6 +561,7 @@ func (p *PodSpec) validate() error {
 				add(cp+".versionURL", "want an http:// or https:// URL, got %q", c.VersionURL)
 			}
 		}
+		errs = append(errs, c.validateHandoff(cp)...)
 		if r := c.Readiness; r != nil {
 			set := 0
 			for _, s := range []bool{r.TCP != "", r.HTTP != "", len(r.Exec) > 0, r.Unix != ""} {

@@ -33,4 +33,11 @@
 // For Kubernetes pods, nri.go is an NRI plugin that sets a sidecar's values
 // in its CreateContainer adjustment, and kube_policy.go (ApplyKubeSidecar)
 // writes the same values on task start where containerd has no NRI.
+// Sidecars with a handoff section keep their listening sockets for the
+// pod's life: the podRunner owns one handoff.Store per such sidecar
+// (handoff.go), passes the held sockets to every start as LISTEN_FDS and
+// closes the stores only when the pod goes. A hot upgrade (upgrade.go)
+// starts the new process beside the old one on those sockets, unknown to
+// the Machine, and hands it over with one input (InSwap) once it is
+// ready; the fuse (readiness deadline, watch window) rolls it back.
 package agent

@@ -40,7 +40,12 @@ type HostRuntime struct {
 // Start implements Runtime.
 func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec) (Process, error) {
 	var s StartSpec
-	for _, p := range h.Preparers {
+	defer func() {
+		for _, f := range s.After {
+			f()
+		}
+	}()
+	for _, p := range append(h.Preparers[:len(h.Preparers):len(h.Preparers)], preparersFrom(ctx)...) {
 		if err := p.Prepare(ctx, pod, c, &s); err != nil {
 			return nil, fmt.Errorf("pod %s container %s: prepare: %w", pod.Name, c.Name, err)
 		}

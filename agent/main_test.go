@@ -20,7 +20,9 @@ func TestMain(m *testing.M) {
 	RunShimIfRequested()
 	switch os.Getenv("MESHAGENT_TEST_CHILD") {
 	case "":
-		os.Exit(m.Run())
+		code := m.Run()
+		removeDemoBins()
+		os.Exit(code)
 	case "sidecar":
 		testSidecar()
 	case "app":
@@ -31,6 +33,8 @@ func TestMain(m *testing.M) {
 		testAdminClient()
 	case "hog":
 		testHog() // cgroup_test.go
+	case "mosn":
+		testMOSN() // handoff_mosn_test.go
 	default:
 		fmt.Fprintln(os.Stderr, "unknown test child", os.Getenv("MESHAGENT_TEST_CHILD"))
 		os.Exit(2)

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pattern=${BENCH:-.}
+export MESHAGENT_LONG=${MESHAGENT_LONG:-${LONG:-}}
 echo "== meshagent benchmarks ($(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"
 go test -run '^$' -bench "$pattern" -benchtime 1x -timeout 30m ./... 2>&1 |
   grep -E '^(Benchmark|ok|FAIL|---|panic|\s+bench)' | grep -v 'no test files'

@@ -32,7 +32,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"github.com/meshagent/meshagent/internal/httpdrain"
 	"io"
 	"log/slog"
 	"net"
@@ -42,6 +41,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -252,7 +252,9 @@ func (s *sidecar) run(ctx context.Context, stopSignals func()) int {
 	if s.admin != nil {
 		go func() { adminDone <- adminSrv.Serve(s.admin) }()
 	}
-	proxy := httpdrain.New(s.ln, s.proxy())
+	proxySrv := &http.Server{Handler: s.proxy(), ReadHeaderTimeout: 10 * time.Second}
+	conns := trackConns(proxySrv)
+	proxyDone := make(chan error, 1)
 
 	// Not ready yet: we do not accept, so connections queue in the kernel.
 	readyTimer := time.NewTimer(s.c.readyAfter)
@@ -271,7 +273,7 @@ loop:
 				code = 1
 				break loop
 			}
-			go proxy.Serve()
+			go func() { proxySrv.Serve(s.ln); proxyDone <- nil }()
 			serving = true
 			s.ready.Store(true)
 			s.notifyState("READY=1")
@@ -298,22 +300,36 @@ loop:
 	stopSignals() // a second signal kills us the default way
 
 	s.ready.Store(false)
-	// Stop accepting first: from here on a new connection goes to another
-	// holder of the socket, or is refused if there is none.
-	s.ln.Close()
+	// The admin endpoint goes first: when its socket is shared with our
+	// successor (a hot upgrade), the supervisor's readiness checks must
+	// reach the successor, not a draining process answering "not ready".
+	if s.admin != nil {
+		adminSrv.Close()
+	}
 	s.notifyState("STOPPING=1")
 	s.mark("stopping")
 	s.log.Info("draining", "deadline", s.c.drain.String())
 	dctx, cancel := context.WithTimeout(context.Background(), s.c.drain)
 	defer cancel()
 	if serving {
-		// Every request already accepted gets its answer.
-		if cut := proxy.Drain(dctx); cut > 0 {
-			s.log.Warn("drain deadline passed, cut the remaining connections", "connections", cut)
+		// Stop accepting first: closing our copy of the socket leaves the
+		// queued connections to another holder (the next sidecar during a
+		// hot upgrade). Then no more keep-alive: idle connections are
+		// closed (a client retries an idempotent request on a reused
+		// connection), every other one gets one more answer with
+		// "Connection: close". Only then Shutdown, which would drop a
+		// request read after it began, unanswered, even on a connection
+		// the client never used before (and so does not retry on).
+		s.ln.Close()
+		proxySrv.SetKeepAlivesEnabled(false)
+		conns.waitNone(dctx)
+		if err := proxySrv.Shutdown(dctx); err != nil {
+			s.log.Warn("drain deadline passed, closing remaining connections", "err", err)
+			proxySrv.Close()
 		}
-	}
-	if s.admin != nil {
-		adminSrv.Close()
+		<-proxyDone
+	} else {
+		s.ln.Close()
 	}
 	s.mark("exit")
 	s.log.Info("exiting", "requests", s.requests.Load())
@@ -348,14 +364,6 @@ func (s *sidecar) adminRoutes() http.Handler {
 func (s *sidecar) proxy() http.Handler {
 	target := &url.URL{Scheme: "http", Host: s.c.upstream}
 	rp := &httputil.ReverseProxy{
-		// Enough idle connections to the app for a load test: with the
-		// default two per host, every burst would open (and leave in
-		// TIME_WAIT) fresh connections to the app until ports run out.
-		Transport: &http.Transport{
-			DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
-			MaxIdleConnsPerHost: 1024,
-			IdleConnTimeout:     90 * time.Second,
-		},
 		Rewrite: func(r *httputil.ProxyRequest) {
 			r.SetURL(target)
 			r.SetXForwarded()
@@ -371,4 +379,38 @@ func (s *sidecar) proxy() http.Handler {
 		w.Header().Set("X-Demo-Sidecar", who)
 		rp.ServeHTTP(w, r)
 	})
+}
+
+// connSet tracks the server's open connections.
+type connSet struct {
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+}
+
+func trackConns(srv *http.Server) *connSet {
+	f := &connSet{conns: map[net.Conn]struct{}{}}
+	srv.ConnState = func(c net.Conn, st http.ConnState) {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		switch st {
+		case http.StateClosed, http.StateHijacked:
+			delete(f.conns, c)
+		default:
+			f.conns[c] = struct{}{}
+		}
+	}
+	return f
+}
+
+// waitNone returns once no connection is open, or when ctx ends.
+func (f *connSet) waitNone(ctx context.Context) {
+	for ctx.Err() == nil {
+		f.mu.Lock()
+		n := len(f.conns)
+		f.mu.Unlock()
+		if n == 0 {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
 }

@@ -72,6 +72,7 @@ func usage(w io.Writer) {
   meshagent run --config FILE
   meshagent ctl [--socket PATH] [--json] pods | pod NAME | restart POD/CONTAINER | restart-pod POD | events [--pod NAME]
   meshagent ctl [--socket PATH] [--json] switch list | switch set NAME on|off | reload | inspect | metrics | status | plan
+  meshagent ctl upgrade POD/SIDECAR --command PATH [--arg A]... [--version V] [--wait D]
   meshagent version
 `)
 }
