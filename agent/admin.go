@@ -56,8 +56,10 @@ func newAdminServer(a *Agent) *http.Server {
 	s.mux.HandleFunc("GET /v1/pods/{pod}", s.pod)
 	s.mux.HandleFunc("POST /v1/pods/{pod}/restart", s.restartPod)
 	s.mux.HandleFunc("POST /v1/pods/{pod}/containers/{container}/restart", s.restartContainer)
+	s.mux.HandleFunc("POST /v1/pods/{pod}/containers/{container}/upgrade", s.upgrade)
 	s.mux.HandleFunc("GET /v1/events", s.eventsList)
-	s.opsRoutes() // admin_ops.go
+	s.opsRoutes()     // admin_ops.go
+	s.featureRoutes() // admin_features.go
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Errorf("no endpoint %s %s", r.Method, r.URL.Path))
 	})

@@ -34,6 +34,8 @@ type Agent struct {
 
 	ops // operations: switches, metrics, reload, inspections, systemd (ops.go)
 
+	cg   *hostCgroups    // cgroup policy of host-mode pods (cgroup.go); nil when not wanted
+	nri  *nriPlugin      // NRI plugin for Kubernetes sidecars (nri.go); nil when not configured
 	kube *kubeSupervisor // Kubernetes mode, nil without node.kubernetes (kube_agent.go)
 }
 
@@ -86,6 +88,8 @@ func New(cfg *Config, opts ...Option) (*Agent, error) {
 	if a.rt == nil {
 		a.rt = &HostRuntime{LogDir: filepath.Join(cfg.Node.StateDir, "logs")}
 	}
+	a.initCgroups() // cgroup.go
+	a.initNRI()     // nri.go
 	if err := a.initKube(); err != nil {
 		return nil, err
 	}
@@ -132,11 +136,14 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	a.podsCtx, a.podsCancel = context.WithCancel(context.Background())
 	defer a.podsCancel()
+	stopFeatures := a.startFeatures() // cgroup.go: after the pods, before the admin socket
+	defer stopFeatures()
 	a.reloadMu.Lock() // a reload waits for start-up to finish
 	for i := range a.cfg.Pods {
 		a.addPod(&a.cfg.Pods[i])
 	}
 	a.gcState()
+	a.waitStarted()
 	close(a.ready)
 	a.log.Info("meshagent running", "pods", len(a.cfg.Pods), "admin", a.cfg.Node.AdminSocket)
 	a.notifyReady() // before a waiting reload can send RELOADING=1
@@ -156,6 +163,20 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.podsCancel()
 	a.podsWG.Wait()
 	return nil
+}
+
+// waitStarted waits until every pod has taken its start (left the stopped
+// phase), so "ready" means supervising: what ctl shows is the pods being
+// started, not a pod that has not been looked at yet. Starting is quick (a
+// fork and exec per sidecar); the bound only guards against a stuck runtime.
+func (a *Agent) waitStarted() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, r := range a.runners() {
+		if err := r.waitPhase(ctx, PhasePending, PhaseRunning, PhaseFailed); err != nil {
+			a.log.Warn("pod not started yet at start-up", "pod", r.spec.Name, "err", err)
+		}
+	}
 }
 
 func (a *Agent) addPod(spec *PodSpec) {

@@ -25,6 +25,22 @@
 // Inspections (inspect.go) are Checks run on demand; features add theirs
 // with WithCheck. A Notifier (systemd) hears READY, RELOADING and STOPPING.
 //
+// Resource policy: with WithCgroups (cgroup.go) the host runtime gets a
+// Preparer that places every container in meshagent/<pod>/<container>
+// through the exec shim and gives sidecars their oom_score_adj there,
+// applies the pod's values before each start, reconciles them periodically
+// and feeds OOM kills to the machine (InOOM) before the exit they caused.
+// For Kubernetes pods, nri.go is an NRI plugin that sets a sidecar's values
+// in its CreateContainer adjustment, and kube_policy.go (ApplyKubeSidecar)
+// writes the same values on task start where containerd has no NRI.
+// Sidecars with a handoff section keep their listening sockets for the
+// pod's life: the podRunner owns one handoff.Store per such sidecar
+// (handoff.go), passes the held sockets to every start as LISTEN_FDS and
+// closes the stores only when the pod goes. A hot upgrade (upgrade.go)
+// starts the new process beside the old one on those sockets, unknown to
+// the Machine, and hands it over with one input (InSwap) once it is
+// ready; the fuse (readiness deadline, watch window) rolls it back.
+//
 // Kubernetes mode (kube*.go, on with node.kubernetes): kubelet owns the
 // pods' containers; the kube supervisor follows them through
 // agent/containerd's event stream (pre-existing pods included, each change

@@ -19,6 +19,8 @@ import (
 
 	"github.com/meshagent/meshagent/systemd"
 	"golang.org/x/sys/unix"
+
+	"github.com/meshagent/meshagent/internal/execshim"
 )
 
 // HostRuntime runs containers as processes of this host. Each process
@@ -30,14 +32,20 @@ type HostRuntime struct {
 	LogDir string
 	// Preparers add cgroups, oom_score_adj and listeners to each start.
 	Preparers []Preparer
-	// Self is the binary run as the exec shim; default /proc/self/exe.
+	// Self is the binary run as the exec shim; default meshagent-exec
+	// beside the agent's binary, else the agent's own binary.
 	Self string
 }
 
 // Start implements Runtime.
 func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec) (Process, error) {
 	var s StartSpec
-	for _, p := range h.Preparers {
+	defer func() {
+		for _, f := range s.After {
+			f()
+		}
+	}()
+	for _, p := range append(h.Preparers[:len(h.Preparers):len(h.Preparers)], preparersFrom(ctx)...) {
 		if err := p.Prepare(ctx, pod, c, &s); err != nil {
 			return nil, fmt.Errorf("pod %s container %s: prepare: %w", pod.Name, c.Name, err)
 		}
@@ -59,7 +67,7 @@ func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec)
 	if shim {
 		self := h.Self
 		if self == "" {
-			self = "/proc/self/exe"
+			self = defaultShim()
 		}
 		r, w, err := os.Pipe()
 		if err != nil {
@@ -67,7 +75,7 @@ func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec)
 		}
 		errR = r
 		defer r.Close()
-		spec := shimSpec{
+		spec := execshim.Spec{
 			Path: path, Argv: append([]string{path}, c.Args...),
 			CgroupProcs: s.CgroupProcs, OOMScoreAdj: s.OOMScoreAdj, ListenFDs: s.ListenFDs,
 			ErrFD: 3 + len(s.Files),
@@ -75,7 +83,7 @@ func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec)
 		raw, _ := json.Marshal(spec)
 		cmd = exec.Command(self)
 		cmd.Args = []string{"meshagent-exec", pod.Name + "/" + c.Name}
-		cmd.Env = append(env, shimEnv+"="+string(raw))
+		cmd.Env = append(env, execshim.Env+"="+string(raw))
 		cmd.ExtraFiles = append(append([]*os.File{}, s.Files...), w)
 		defer w.Close()
 	} else {

@@ -323,9 +323,31 @@ func TestHostOperatorRestartThroughAdminSocket(t *testing.T) {
 	assert.True(t, st["start"][1].After(sc["listen"][len(sc["listen"])-1]), "after a pod restart the app waits for the sidecar again")
 }
 
+// buildExecShim builds cmd/meshagent-exec, the small shim binary.
+func buildExecShim(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "meshagent-exec")
+	out, err := exec.Command("go", "build", "-o", bin, "../cmd/meshagent-exec").CombinedOutput()
+	require.NoError(t, err, string(out))
+	return bin
+}
+
 func TestHostExecShim(t *testing.T) {
 	// The shim sets oom_score_adj and LISTEN_PID in the child before the
-	// command runs, and passes files as fds from 3.
+	// command runs, and passes files as fds from 3: the agent's own binary
+	// as the shim, and meshagent-exec.
+	for _, tc := range []struct {
+		name string
+		self func(t *testing.T) string
+	}{
+		{"agent binary", func(*testing.T) string { return "" }},
+		{"meshagent-exec", buildExecShim},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testExecShim(t, tc.self(t)) })
+	}
+}
+
+func testExecShim(t *testing.T, self string) {
 	dir := t.TempDir()
 	out := filepath.Join(dir, "out")
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -335,7 +357,7 @@ func TestHostExecShim(t *testing.T) {
 	require.NoError(t, err)
 	defer lf.Close()
 	adj := 500
-	rt := &HostRuntime{Preparers: []Preparer{prepFunc(func(s *StartSpec) {
+	rt := &HostRuntime{Self: self, Preparers: []Preparer{prepFunc(func(s *StartSpec) {
 		s.OOMScoreAdj = &adj
 		s.ListenFDs = true
 		s.Files = []*os.File{lf}
@@ -369,7 +391,7 @@ func TestHostShimFailureIsAStartError(t *testing.T) {
 	})}}
 	_, err := rt.Start(context.Background(), &PodSpec{Name: "p"}, &ContainerSpec{Name: "c", Command: "/bin/true"})
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), "pod p container c: enter cgroup /nonexistent/cgroup.procs")
+	assert.Contains(t, err.Error(), "pod p container c: enter cgroup: open /nonexistent/cgroup.procs")
 }
 
 type prepFunc func(*StartSpec)

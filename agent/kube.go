@@ -84,7 +84,7 @@ type kubePod struct {
 	id      string
 	ref     containerd.PodRef
 	ann     map[string]string // nil until CRI told us
-	pol     kubePolicy
+	pol     kubePodPolicy
 	sandbox *kubeContainer
 	ctrs    []*kubeContainer // creation order; old incarnations kept until deleted
 
@@ -146,6 +146,16 @@ func (s *kubeSupervisor) handle(ctx context.Context, e containerd.Event) {
 	if e.Kind == containerd.Synced {
 		exits = s.taskless(ctx, e.Pods)
 	}
+	// The sidecar's resource policy where containerd has no NRI (and what
+	// NRI cannot set): applied once, on the live start of a task, outside
+	// the lock (it writes cgroup files). A start seen on resync happened
+	// while the agent was away and already got its values.
+	var started *KubeSidecar
+	defer func() {
+		if started != nil {
+			_ = s.a.ApplyKubeSidecar(ctx, *started) // errors are recorded as events
+		}
+	}()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	defer s.broadcast()
@@ -162,6 +172,9 @@ func (s *kubeSupervisor) handle(ctx context.Context, e containerd.Event) {
 		if p, kc := s.find(c.ID); kc != nil {
 			kc.pid, kc.status, kc.started = c.PID, containerd.StatusRunning, e.Time
 			kc.ready, kc.failures, kc.oom, kc.exitCause, kc.hangHeld = false, 0, false, "", false
+			if !e.Resync && p.ann != nil && kc.role != containerd.RoleSandbox {
+				started = &KubeSidecar{Pod: p.ref.String(), Annotations: p.ann, Container: kc.name, PID: int(kc.pid)}
+			}
 			s.reconcile(ctx, p)
 		}
 	case containerd.TaskExited:
@@ -238,7 +251,7 @@ func (s *kubeSupervisor) record(e Event) {
 func (s *kubeSupervisor) podFor(c containerd.Container) *kubePod {
 	p := s.pods[c.SandboxID]
 	if p == nil {
-		p = &kubePod{id: c.SandboxID, ref: c.Pod, pol: defaultKubePolicy(), timedOut: map[time.Time]bool{}}
+		p = &kubePod{id: c.SandboxID, ref: c.Pod, pol: defaultKubePodPolicy(), timedOut: map[time.Time]bool{}}
 		s.pods[c.SandboxID] = p
 	}
 	if p.ref.Name == "" {
@@ -265,7 +278,7 @@ func (s *kubeSupervisor) find(id string) (*kubePod, *kubeContainer) {
 
 func (s *kubeSupervisor) setAnnotations(p *kubePod, ann map[string]string) {
 	p.ann = ann
-	pol, err := parseKubePolicy(ann)
+	pol, err := parseKubePodPolicy(ann)
 	p.pol = pol
 	if err != nil {
 		s.record(Event{Type: EvBadAnnotation, Pod: p.ref.String(), Reason: err.Error()})
@@ -447,7 +460,7 @@ func (p *kubePod) current() []*kubeContainer {
 	return out
 }
 
-func running(st containerd.Status) bool {
+func taskRunning(st containerd.Status) bool {
 	return st == containerd.StatusRunning || st == containerd.StatusPaused
 }
 
@@ -458,9 +471,9 @@ func (s *kubeSupervisor) reconcile(ctx context.Context, p *kubePod) {
 		return // roles unknown until CRI tells
 	}
 	for _, c := range p.ctrs {
-		if c.role != containerd.RoleSidecar || !running(c.status) || p.latest(c.name) != c {
+		if c.role != containerd.RoleSidecar || !taskRunning(c.status) || p.latest(c.name) != c {
 			s.stopProbe(c)
-			if !running(c.status) {
+			if !taskRunning(c.status) {
 				c.ready = false
 			}
 			continue
@@ -486,7 +499,7 @@ func (s *kubeSupervisor) reconcile(ctx context.Context, p *kubePod) {
 func (p *kubePod) sidecarsReady() bool {
 	for _, name := range p.pol.Sidecars {
 		c := p.latest(name)
-		if c == nil || !running(c.status) || !c.ready {
+		if c == nil || !taskRunning(c.status) || !c.ready {
 			return false
 		}
 	}
@@ -527,7 +540,7 @@ func (s *kubeSupervisor) startProbe(ctx context.Context, p *kubePod, c *kubeCont
 	s.stopProbe(c)
 	c.probePID = c.pid
 	nsPID := c.pid
-	if p.sandbox != nil && running(p.sandbox.status) && p.sandbox.pid != 0 {
+	if p.sandbox != nil && taskRunning(p.sandbox.status) && p.sandbox.pid != 0 {
 		nsPID = p.sandbox.pid
 	}
 	ns, err := openNetns(nsPID)
@@ -593,7 +606,7 @@ func (s *kubeSupervisor) onProbe(ctx context.Context, podID, ctrID string, pid u
 		return
 	}
 	_, c := s.find(ctrID)
-	if c == nil || c.pid != pid || !running(c.status) {
+	if c == nil || c.pid != pid || !taskRunning(c.status) {
 		return
 	}
 	if r.OK() {
@@ -634,7 +647,7 @@ func (s *kubeSupervisor) onProbe(ctx context.Context, podID, ctrID string, pid u
 // SIGKILL) without waiting; kubelet restarts it per its restart policy.
 // Called with s.mu held.
 func (s *kubeSupervisor) stop(ctx context.Context, p *kubePod, c *kubeContainer, cause string) {
-	if c.stopCause != "" || !running(c.status) {
+	if c.stopCause != "" || !taskRunning(c.status) {
 		return
 	}
 	c.stopCause = cause

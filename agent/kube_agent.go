@@ -131,7 +131,7 @@ func (s *kubeSupervisor) lookup(name string) (*kubePod, error) {
 		// sandbox of the same pod around for a while).
 		live := found[:0:0]
 		for _, p := range found {
-			if p.sandbox != nil && running(p.sandbox.status) {
+			if p.sandbox != nil && taskRunning(p.sandbox.status) {
 				live = append(live, p)
 			}
 		}
@@ -167,7 +167,7 @@ func (a *Agent) kubeRestart(pod, container, cause string) error {
 	if c == nil {
 		return fmt.Errorf("pod %q container %q: %w", p.ref.String(), container, ErrNotFound)
 	}
-	if !running(c.status) {
+	if !taskRunning(c.status) {
 		return fmt.Errorf("pod %q container %q has no running task: %w", p.ref.String(), container, ErrNotFound)
 	}
 	if c.stopCause != "" {
@@ -187,7 +187,7 @@ func (p *kubePod) status() PodStatus {
 		},
 	}
 	switch {
-	case p.sandbox == nil || !running(p.sandbox.status):
+	case p.sandbox == nil || !taskRunning(p.sandbox.status):
 		st.Phase = PhaseStopped
 	case p.gate.IsOpen():
 		st.Phase = PhaseRunning
@@ -203,7 +203,7 @@ func (p *kubePod) status() PodStatus {
 			cs.Role = RoleSidecar
 		}
 		switch {
-		case c.stopCause != "" && running(c.status):
+		case c.stopCause != "" && taskRunning(c.status):
 			cs.State = StateStopping
 		case c.status == containerd.StatusRunning || c.status == containerd.StatusPaused:
 			cs.State = StateRunning

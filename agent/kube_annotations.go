@@ -38,8 +38,8 @@ const (
 	JobOnSuccess = "on-success" // ... once every app has exited with status 0
 )
 
-// kubePolicy is a pod's meshagent settings, parsed and defaulted.
-type kubePolicy struct {
+// kubePodPolicy is a pod's meshagent settings, parsed and defaulted.
+type kubePodPolicy struct {
 	Sidecars         []string
 	Readiness        map[string]kubeProbeSpec // by container name
 	StartupTimeout   time.Duration            // 0: gates wait for ever
@@ -53,8 +53,8 @@ type kubePolicy struct {
 	Job              string
 }
 
-func defaultKubePolicy() kubePolicy {
-	return kubePolicy{
+func defaultKubePodPolicy() kubePodPolicy {
+	return kubePodPolicy{
 		Readiness:        map[string]kubeProbeSpec{},
 		StartupTimeout:   2 * time.Minute,
 		OnTimeout:        FailClosed,
@@ -67,10 +67,10 @@ func defaultKubePolicy() kubePolicy {
 	}
 }
 
-// parseKubePolicy reads a pod's annotations. It always returns a usable
+// parseKubePodPolicy reads a pod's annotations. It always returns a usable
 // policy; err lists every key it could not read, by name.
-func parseKubePolicy(ann map[string]string) (kubePolicy, error) {
-	p := defaultKubePolicy()
+func parseKubePodPolicy(ann map[string]string) (kubePodPolicy, error) {
+	p := defaultKubePodPolicy()
 	var errs []error
 	bad := func(key, format string, a ...any) {
 		errs = append(errs, fmt.Errorf("annotation %s=%q: %s", key, ann[key], fmt.Sprintf(format, a...)))

@@ -49,15 +49,15 @@ func TestParseKubeProbe(t *testing.T) {
 	}
 }
 
-func TestParseKubePolicy(t *testing.T) {
-	def := defaultKubePolicy()
+func TestParseKubePodPolicy(t *testing.T) {
+	def := defaultKubePodPolicy()
 	for _, tc := range []struct {
 		name  string
 		ann   map[string]string
-		check func(t *testing.T, p kubePolicy)
+		check func(t *testing.T, p kubePodPolicy)
 		errs  []string // substrings, each naming the bad key
 	}{
-		{name: "defaults", ann: nil, check: func(t *testing.T, p kubePolicy) {
+		{name: "defaults", ann: nil, check: func(t *testing.T, p kubePodPolicy) {
 			assert.Equal(t, def, p)
 		}},
 		{name: "everything", ann: map[string]string{
@@ -65,7 +65,7 @@ func TestParseKubePolicy(t *testing.T) {
 			AnnoStartupTimeout: "0", AnnoStartupPolicy: FailOpen, AnnoStartupInterval: "10ms",
 			AnnoReadinessPeriod: "2s", AnnoReadinessTimeout: "500ms", AnnoFailureThreshold: "5",
 			AnnoRestartGrace: "15s", AnnoHoldTimeout: "1m", AnnoJob: "on-success",
-		}, check: func(t *testing.T, p kubePolicy) {
+		}, check: func(t *testing.T, p kubePodPolicy) {
 			assert.Equal(t, []string{"envoy", "log-agent"}, p.Sidecars)
 			assert.Equal(t, kubeProbeSpec{Kind: "http", Addr: "127.0.0.1:15021", Path: "/healthz/ready"}, p.Readiness["envoy"])
 			assert.Zero(t, p.StartupTimeout)
@@ -79,12 +79,12 @@ func TestParseKubePolicy(t *testing.T) {
 			assert.Equal(t, JobOnSuccess, p.Job)
 		}},
 		{name: "startup interval never above the period", ann: map[string]string{AnnoReadinessPeriod: "100ms", AnnoStartupInterval: "1s"},
-			check: func(t *testing.T, p kubePolicy) { assert.Equal(t, 100*time.Millisecond, p.StartupInterval) }},
+			check: func(t *testing.T, p kubePodPolicy) { assert.Equal(t, 100*time.Millisecond, p.StartupInterval) }},
 		{name: "bad values keep defaults", ann: map[string]string{
 			AnnoSidecars: "Envoy", AnnoStartupTimeout: "soon", AnnoStartupPolicy: "failSoft",
 			AnnoFailureThreshold: "0", AnnoJob: "yes", AnnoReadinessPrefix + "envoy": "tcp:x",
 			AnnoStartupInterval: "0s",
-		}, check: func(t *testing.T, p kubePolicy) {
+		}, check: func(t *testing.T, p kubePodPolicy) {
 			assert.Nil(t, p.Sidecars)
 			assert.Equal(t, def.StartupTimeout, p.StartupTimeout)
 			assert.Equal(t, def.OnTimeout, p.OnTimeout)
@@ -95,7 +95,7 @@ func TestParseKubePolicy(t *testing.T) {
 		}, errs: []string{AnnoSidecars, AnnoStartupTimeout, AnnoStartupPolicy, AnnoFailureThreshold, AnnoJob, AnnoReadinessPrefix + "envoy", AnnoStartupInterval}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			p, err := parseKubePolicy(tc.ann)
+			p, err := parseKubePodPolicy(tc.ann)
 			tc.check(t, p)
 			if len(tc.errs) == 0 {
 				require.NoError(t, err)
@@ -190,7 +190,7 @@ func TestDeployManifests(t *testing.T) {
 		for k, v := range meta["annotations"].(map[string]any) {
 			ann[k] = v.(string)
 		}
-		p, err := parseKubePolicy(ann)
+		p, err := parseKubePodPolicy(ann)
 		require.NoError(t, err, "%s %v", d["kind"], meta["name"])
 		assert.NotEmpty(t, p.Sidecars)
 		assert.NotEmpty(t, p.Readiness)

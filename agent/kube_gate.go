@@ -236,7 +236,7 @@ func (s *kubeSupervisor) hold(ctx context.Context, p *kubePod) HoldAnswer {
 		s.mu.Lock()
 		var apps []string
 		for _, c := range p.current() {
-			if c.role == containerd.RoleApp && (running(c.status) || c.status == containerd.StatusCreated) {
+			if c.role == containerd.RoleApp && (taskRunning(c.status) || c.status == containerd.StatusCreated) {
 				apps = append(apps, c.name)
 			}
 		}

@@ -72,10 +72,10 @@ func TestKubeSupervisorBookkeeping(t *testing.T) {
 	ev := func(k containerd.EventKind, c containerd.Container, resync bool) {
 		s.handle(ctx, containerd.Event{Kind: k, Container: c, Resync: resync, Time: time.Now()})
 	}
-	sandbox := ctr("sb", "", containerd.KindSandbox, 0, containerd.StatusRunning, 10)
-	proxy0 := ctr("proxy-0", "proxy", containerd.KindContainer, time.Second, containerd.StatusStopped, 11)
+	sandbox := ctr("sb", "", containerd.KindSandbox, 0, containerd.StatusRunning, 99999910)
+	proxy0 := ctr("proxy-0", "proxy", containerd.KindContainer, time.Second, containerd.StatusStopped, 99999911)
 	proxy0.ExitStatus = 1
-	proxy1 := ctr("proxy-1", "proxy", containerd.KindContainer, 2*time.Second, containerd.StatusRunning, 12)
+	proxy1 := ctr("proxy-1", "proxy", containerd.KindContainer, 2*time.Second, containerd.StatusRunning, 99999912)
 	app0 := ctr("app-0", "app", containerd.KindContainer, 3*time.Second, containerd.StatusNone, 0)
 	ann := map[string]string{AnnoSidecars: "proxy", AnnoJob: "true"}
 
@@ -116,7 +116,7 @@ func TestKubeSupervisorBookkeeping(t *testing.T) {
 	r := rec.find(EvRestart, "default/web", "proxy")
 	require.Len(t, r, 1)
 	assert.Equal(t, map[string]string{"cause": CauseJob, "restartCount": "2", "role": "sidecar"}, r[0].Fields)
-	proxy2.Status, proxy2.PID = containerd.StatusRunning, 13
+	proxy2.Status, proxy2.PID = containerd.StatusRunning, 99999913
 	ev(containerd.TaskStarted, proxy2, false)
 	ev(containerd.TaskOOM, proxy2, false)
 	proxy2.Status, proxy2.ExitStatus = containerd.StatusStopped, 137
@@ -137,7 +137,7 @@ func TestKubeSupervisorBookkeeping(t *testing.T) {
 	require.Len(t, rec.find(EvContainerd, "", ""), 2, "lost, then back")
 
 	// A crash (non-zero exit the agent did not cause).
-	proxy3.Status, proxy3.PID = containerd.StatusRunning, 14
+	proxy3.Status, proxy3.PID = containerd.StatusRunning, 99999914
 	ev(containerd.TaskStarted, proxy3, false)
 	proxy3.Status, proxy3.ExitStatus = containerd.StatusStopped, 2
 	ev(containerd.TaskExited, proxy3, false)

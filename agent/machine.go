@@ -342,6 +342,8 @@ func (m *Machine) Handle(now time.Time, in Input) []Action {
 		m.timerFired(o, in)
 	case InSwitches:
 		m.setSwitches(o, in)
+	case InSwap:
+		m.swap(o, in)
 	default:
 		panic(fmt.Sprintf("agent: unknown machine input %T", in))
 	}

@@ -21,6 +21,7 @@ func TestMain(m *testing.M) {
 	switch os.Getenv("MESHAGENT_TEST_CHILD") {
 	case "":
 		code := m.Run()
+		removeDemoBins()
 		cleanupKubeTests() // kube_env_test.go
 		os.Exit(code)
 	case "sidecar":
@@ -31,6 +32,10 @@ func TestMain(m *testing.M) {
 		testAgentProcess()
 	case "admin-client":
 		testAdminClient()
+	case "hog":
+		testHog() // cgroup_test.go
+	case "mosn":
+		testMOSN() // handoff_mosn_test.go
 	default:
 		fmt.Fprintln(os.Stderr, "unknown test child", os.Getenv("MESHAGENT_TEST_CHILD"))
 		os.Exit(2)

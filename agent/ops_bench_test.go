@@ -18,7 +18,7 @@ import (
 //
 //	go test -run '^$' -bench AgentScrape500Pods -benchtime 20x ./agent
 func BenchmarkAgentScrape500Pods(b *testing.B) {
-	a, stop := benchAgent(b, &eventRecorder{})
+	a, stop := benchAgent(b, &eventRecorder{}, nil)
 	defer stop()
 	now := time.Now()
 	for i := range 500 {

@@ -31,6 +31,8 @@ type podRunner struct {
 
 	ctx context.Context
 	wg  sync.WaitGroup // process watchers and probes
+
+	hx *podHandoff // held listeners and upgrades (handoff.go, upgrade.go)
 }
 
 type timerKey struct {
@@ -39,7 +41,7 @@ type timerKey struct {
 }
 
 func newPodRunner(spec *PodSpec, rt Runtime, state stateDir, log *slog.Logger, sink func(Event)) *podRunner {
-	return &podRunner{
+	r := &podRunner{
 		spec: spec, rt: rt, state: state, sink: sink,
 		log:   log.With("pod", spec.Name),
 		m:     NewMachine(spec),
@@ -47,6 +49,8 @@ func newPodRunner(spec *PodSpec, rt Runtime, state stateDir, log *slog.Logger, s
 		procs: map[string]Process{}, probes: map[string]context.CancelFunc{},
 		timers: map[timerKey]*time.Timer{}, phaseCh: make(chan struct{}),
 	}
+	r.hx = openPodHandoff(context.Background(), spec, podHandoffDir(state, spec.Name), r.log, r.notifyReady)
+	return r
 }
 
 // adopt takes over the processes a previous agent recorded for this pod.
@@ -81,6 +85,9 @@ func (r *podRunner) run(ctx context.Context) {
 	r.ctx = ctx
 	for name, p := range r.procs {
 		r.watch(name, p)
+		if h := r.hx.get(name); h != nil {
+			h.setPID(p.PID())
+		}
 	}
 	defer r.teardown()
 	for {
@@ -90,6 +97,10 @@ func (r *podRunner) run(ctx context.Context) {
 		case in := <-r.inbox:
 			if p, ok := in.(inPing); ok {
 				close(p.done) // the loop turns: see Agent.Health
+				continue
+			}
+			if c, ok := in.(runnerCall); ok {
+				c.f()
 				continue
 			}
 			r.apply(in)
@@ -121,6 +132,7 @@ func (r *podRunner) apply(in Input) {
 	for len(queue) > 0 {
 		in := queue[0]
 		queue = queue[1:]
+		r.beforeInput(in)
 		r.mu.Lock()
 		before := r.m.Phase
 		acts := r.m.Handle(time.Now(), in)
@@ -146,10 +158,11 @@ func (r *podRunner) apply(in Input) {
 				r.setTimer(a)
 			case ActEvent:
 				r.sink(a.Event)
+				r.hx.onEvent(a.Event)
 			}
 		}
 		switch in.(type) {
-		case InStarted, InExited:
+		case InStarted, InExited, InSwap:
 			persist = true // the machine now holds the new pid, or none
 		}
 		if persist {
@@ -160,7 +173,9 @@ func (r *podRunner) apply(in Input) {
 
 func (r *podRunner) start(name string) Input {
 	c := r.spec.Container(name)
-	p, err := r.rt.Start(r.ctx, r.spec, c)
+	ctx, end := r.hx.beforeStart(r.ctx, name)
+	p, err := r.rt.Start(ctx, r.spec, c)
+	end(p)
 	if err != nil {
 		return InStarted{Container: name, Err: err}
 	}
@@ -278,6 +293,8 @@ func (r *podRunner) teardown() {
 		cancel()
 	}
 	r.wg.Wait()
+	r.hx.close()
+	removeHandoffDir(podHandoffDir(r.state, r.spec.Name))
 	for _, p := range r.procs {
 		_ = p.Release()
 	}

@@ -210,6 +210,7 @@ func (a *Agent) retirePod(name string) error {
 		if err := a.state.remove(name); err != nil {
 			a.log.Warn("cannot remove state file", "pod", name, "err", err)
 		}
+		a.cg.removePod(name) // cgroup.go
 	}
 	a.forgetPodMetrics(name)
 	return stopErr
@@ -243,6 +244,8 @@ func nodeChanges(cur, next Node) []string {
 	diff("log.level", cur.Log.Level, next.Log.Level)
 	diff("log.format", cur.Log.Format, next.Log.Format)
 	diff("metricsAddr", cur.MetricsAddr, next.MetricsAddr)
+	diff("cgroup", cur.Cgroup, next.Cgroup) // read once at start (cgroup.go)
+	diff("nri", cur.NRI, next.NRI)
 	if !reflect.DeepEqual(cur.Kubernetes, next.Kubernetes) {
 		out = append(out, "node.kubernetes (takes effect at the next start)")
 	}

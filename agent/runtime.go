@@ -85,10 +85,28 @@ type StartSpec struct {
 	// OOMScoreAdj, when set, is written for the child before it runs the
 	// command, so it holds for every process it forks.
 	OOMScoreAdj *int
+	// After runs once the start is over, whether or not it succeeded:
+	// the place to close what was only needed until the child had its
+	// copies (an Activation's fds).
+	After []func()
 }
 
 // Preparer is a feature that adds to a container's start: a cgroup, an
 // oom_score_adj, listening sockets.
 type Preparer interface {
 	Prepare(ctx context.Context, pod *PodSpec, c *ContainerSpec, s *StartSpec) error
+}
+
+type preparersKey struct{}
+
+// WithPreparers returns a ctx that makes a Runtime's Start apply ps after
+// its own preparers: for features that belong to one pod runner (its fd
+// stores) rather than to the runtime.
+func WithPreparers(ctx context.Context, ps ...Preparer) context.Context {
+	return context.WithValue(ctx, preparersKey{}, append(preparersFrom(ctx), ps...))
+}
+
+func preparersFrom(ctx context.Context) []Preparer {
+	ps, _ := ctx.Value(preparersKey{}).([]Preparer)
+	return ps[:len(ps):len(ps)]
 }

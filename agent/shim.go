@@ -1,84 +1,28 @@
 package agent
 
 import (
-	"encoding/json"
-	"fmt"
 	"os"
-	"strconv"
-	"strings"
-	"syscall"
+	"path/filepath"
+	"sync"
 
-	"golang.org/x/sys/unix"
+	"github.com/meshagent/meshagent/internal/execshim"
 )
 
-// The exec shim is the agent's own binary run between fork and the
-// container's command. Go cannot run code in a forked child before exec,
-// and some things must happen exactly there: entering the cgroup (so the
-// process never runs unconfined), setting oom_score_adj (so every process
-// it forks inherits it) and LISTEN_PID (which must be the final pid). The
-// shim does them and then execs the command in place, keeping its pid.
-
-const shimEnv = "MESHAGENT_EXEC_SHIM"
-
-type shimSpec struct {
-	Path        string   `json:"path"`
-	Argv        []string `json:"argv"`
-	CgroupProcs []string `json:"cgroupProcs,omitempty"`
-	OOMScoreAdj *int     `json:"oomScoreAdj,omitempty"`
-	ListenFDs   bool     `json:"listenFds,omitempty"`
-	// ErrFD is where the shim writes why it failed; it is close-on-exec,
-	// so the agent reads EOF once the command runs.
-	ErrFD int `json:"errFd"`
-}
-
 // RunShimIfRequested turns this process into the exec shim when the agent
-// started it as one, and never returns in that case. Call it first thing in
-// main (and in TestMain of packages whose tests start containers).
-func RunShimIfRequested() {
-	raw, ok := os.LookupEnv(shimEnv)
-	if !ok {
-		return
-	}
-	var s shimSpec
-	if err := json.Unmarshal([]byte(raw), &s); err != nil {
-		shimFail(3, fmt.Errorf("exec shim: bad spec: %w", err))
-	}
-	unix.CloseOnExec(s.ErrFD)
-	if err := runShim(&s); err != nil {
-		shimFail(s.ErrFD, err)
-	}
-}
+// started it as one (no meshagent-exec installed beside the agent), and
+// never returns in that case. Call it first thing in main (and in TestMain
+// of packages whose tests start containers).
+func RunShimIfRequested() { execshim.RunIfRequested() }
 
-func runShim(s *shimSpec) error {
-	for _, f := range s.CgroupProcs {
-		// "0" is the writing process itself.
-		if err := os.WriteFile(f, []byte("0"), 0); err != nil {
-			return fmt.Errorf("enter cgroup %s: %w", f, err)
+// defaultShim is meshagent-exec beside the running binary when it is
+// installed there; otherwise the agent's own binary does the shim's work,
+// at the cost of its longer start-up.
+var defaultShim = sync.OnceValue(func() string {
+	if self, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(self), "meshagent-exec")
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
+			return p
 		}
 	}
-	if s.OOMScoreAdj != nil {
-		if err := os.WriteFile("/proc/self/oom_score_adj", []byte(strconv.Itoa(*s.OOMScoreAdj)), 0); err != nil {
-			return fmt.Errorf("set oom_score_adj %d: %w", *s.OOMScoreAdj, err)
-		}
-	}
-	env := make([]string, 0, len(os.Environ()))
-	for _, kv := range os.Environ() {
-		if strings.HasPrefix(kv, shimEnv+"=") || strings.HasPrefix(kv, "LISTEN_PID=") {
-			continue
-		}
-		env = append(env, kv)
-	}
-	if s.ListenFDs {
-		env = append(env, "LISTEN_PID="+strconv.Itoa(os.Getpid()))
-	}
-	err := syscall.Exec(s.Path, s.Argv, env)
-	return fmt.Errorf("exec %s: %w", s.Path, err)
-}
-
-func shimFail(fd int, err error) {
-	msg := []byte(err.Error())
-	if _, werr := unix.Write(fd, msg); werr != nil {
-		fmt.Fprintln(os.Stderr, err)
-	}
-	os.Exit(127)
-}
+	return "/proc/self/exe"
+})

@@ -137,9 +137,19 @@ func (m *Manager) readKnob(path string) (string, error) {
 }
 
 // readProcs lists the pids of a cgroup.procs file; missing means empty.
+// On v1 the file is opened afresh: the kernel keeps the pid list it built
+// for an open file (and re-serves it to a pread at offset 0) until a second
+// after the last read, so a cached fd would miss a process that joined
+// since (found by the agent's plan right after a start).
 func (m *Manager) readProcs(path string) ([]int, error) {
 	var buf [512]byte
-	b, err := m.files.read(path, buf[:])
+	var b []byte
+	var err error
+	if m.mode.v1() {
+		b, err = os.ReadFile(path)
+	} else {
+		b, err = m.files.read(path, buf[:])
+	}
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}

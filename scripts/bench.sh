@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pattern=${BENCH:-.}
+export MESHAGENT_LONG=${MESHAGENT_LONG:-${LONG:-}}
 # The Kubernetes benchmarks need the containerd lanes (scripts/ci-containerd.sh v2).
 if [[ -z ${MESHAGENT_TEST_CONTAINERD:-} && -S /run/meshagent-ci/containerd2/containerd.sock ]]; then
   eval "$(scripts/ci-containerd.sh env)"

@@ -36,6 +36,12 @@ func dialCheck(ctx context.Context, network, addr string) error {
 	if err != nil {
 		return fmt.Errorf("%s %s: %w", network, addr, err)
 	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		// Close with a reset: a probe every second per sidecar would
+		// otherwise leave thousands of TIME_WAIT sockets on the node,
+		// and ephemeral ports with them.
+		_ = tc.SetLinger(0)
+	}
 	return c.Close()
 }
 

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/meshagent/meshagent/internal/httpdrain"
 	"io"
 	"log/slog"
 	"net"
@@ -100,13 +101,12 @@ func run(started time.Time, args []string, stderr io.Writer) int {
 	log.Info("listening", "addr", ln.Addr().String(), "time", time.Now().Format(time.RFC3339Nano))
 
 	a := &app{name: c.name, pid: os.Getpid()}
-	srv := &http.Server{Handler: a.routes(), ReadHeaderTimeout: 10 * time.Second}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
+	srv := httpdrain.New(ln, a.routes())
+	go srv.Serve()
 
 	select {
-	case err := <-served:
-		log.Error("serve", "addr", ln.Addr().String(), "err", err)
+	case <-srv.Done():
+		log.Error("serve stopped", "addr", ln.Addr().String())
 		return 1
 	case <-ctx.Done():
 	}
@@ -114,16 +114,13 @@ func run(started time.Time, args []string, stderr io.Writer) int {
 	log.Info("draining", "deadline", c.drain.String())
 	dctx, cancel := context.WithTimeout(context.Background(), c.drain)
 	defer cancel()
-	code := 0
-	if err := srv.Shutdown(dctx); err != nil {
-		// The drain deadline passed: the remaining requests are cut. Say so,
-		// but it is still the stop we were asked for.
-		log.Warn("drain deadline passed, closing remaining connections", "err", err)
-		srv.Close()
+	if cut := srv.Drain(dctx); cut > 0 {
+		// The remaining requests are cut. Say so, but it is still the stop
+		// we were asked for.
+		log.Warn("drain deadline passed, cut the remaining connections", "connections", cut)
 	}
-	<-served
 	log.Info("exiting", "requests", a.requests.Load())
-	return code
+	return 0
 }
 
 type app struct {

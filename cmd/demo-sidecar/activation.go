@@ -61,7 +61,7 @@ func parseListenEnv(getenv func(string) string, pid int) ([]passedFD, error) {
 	for i := range names {
 		names[i] = "unknown" // systemd's name for an unnamed fd
 	}
-	if raw, ok := lookup(getenv, "LISTEN_FDNAMES"); ok {
+	if raw := getenv("LISTEN_FDNAMES"); raw != "" {
 		got := strings.Split(raw, ":")
 		if len(got) != n {
 			return nil, fmt.Errorf("LISTEN_FDNAMES=%q: %d names for LISTEN_FDS=%d", raw, len(got), n)
@@ -78,13 +78,6 @@ func parseListenEnv(getenv func(string) string, pid int) ([]passedFD, error) {
 		fds[i] = passedFD{fd: listenFDsStart + i, name: names[i]}
 	}
 	return fds, nil
-}
-
-// lookup tells a variable set to "" from an unset one when getenv is
-// os.Getenv; for other getenv functions an empty value counts as unset.
-func lookup(getenv func(string) string, key string) (string, bool) {
-	v := getenv(key)
-	return v, v != ""
 }
 
 // activated holds the listeners taken over from LISTEN_FDS.

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+	"golang.org/x/sys/unix"
 )
 
 // bins holds the binaries TestMain builds once for every test.
@@ -308,4 +309,33 @@ func get(t *testing.T, url string) (int, string, string) {
 	var b bytes.Buffer
 	b.ReadFrom(resp.Body)
 	return resp.StatusCode, resp.Header.Get("X-Demo-Sidecar"), b.String()
+}
+
+// heldListener opens a loopback listening socket the way a supervisor that
+// holds sockets for its children should: with raw syscalls, so the socket
+// starts in blocking mode and the *os.File wrapping it is not marked
+// non-blocking. That matters because O_NONBLOCK belongs to the open file
+// description, which every process sharing the socket shares: os/exec calls
+// File.Fd() on ExtraFiles, and Fd() on a file Go believes non-blocking (one
+// from net.TCPListener.File, say) switches the shared socket to blocking
+// mode, stalling the accept loop of a sidecar still running on it.
+func heldListener(t *testing.T) (*os.File, string) {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatalf("socket: %v", err)
+	}
+	f := os.NewFile(uintptr(fd), "held-listener")
+	t.Cleanup(func() { f.Close() })
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatalf("bind: %v", err)
+	}
+	if err := unix.Listen(fd, unix.SOMAXCONN); err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		t.Fatalf("getsockname: %v", err)
+	}
+	return f, fmt.Sprintf("127.0.0.1:%d", sa.(*unix.SockaddrInet4).Port)
 }

@@ -41,6 +41,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -252,6 +253,7 @@ func (s *sidecar) run(ctx context.Context, stopSignals func()) int {
 		go func() { adminDone <- adminSrv.Serve(s.admin) }()
 	}
 	proxySrv := &http.Server{Handler: s.proxy(), ReadHeaderTimeout: 10 * time.Second}
+	conns := trackConns(proxySrv)
 	proxyDone := make(chan error, 1)
 
 	// Not ready yet: we do not accept, so connections queue in the kernel.
@@ -298,14 +300,29 @@ loop:
 	stopSignals() // a second signal kills us the default way
 
 	s.ready.Store(false)
+	// The admin endpoint goes first: when its socket is shared with our
+	// successor (a hot upgrade), the supervisor's readiness checks must
+	// reach the successor, not a draining process answering "not ready".
+	if s.admin != nil {
+		adminSrv.Close()
+	}
 	s.notifyState("STOPPING=1")
 	s.mark("stopping")
 	s.log.Info("draining", "deadline", s.c.drain.String())
 	dctx, cancel := context.WithTimeout(context.Background(), s.c.drain)
 	defer cancel()
 	if serving {
-		// Shutdown closes our copy of the socket at once (another holder keeps
-		// it open and accepting), then waits for in-flight requests.
+		// Stop accepting first: closing our copy of the socket leaves the
+		// queued connections to another holder (the next sidecar during a
+		// hot upgrade). Then no more keep-alive: idle connections are
+		// closed (a client retries an idempotent request on a reused
+		// connection), every other one gets one more answer with
+		// "Connection: close". Only then Shutdown, which would drop a
+		// request read after it began, unanswered, even on a connection
+		// the client never used before (and so does not retry on).
+		s.ln.Close()
+		proxySrv.SetKeepAlivesEnabled(false)
+		conns.waitNone(dctx)
 		if err := proxySrv.Shutdown(dctx); err != nil {
 			s.log.Warn("drain deadline passed, closing remaining connections", "err", err)
 			proxySrv.Close()
@@ -313,9 +330,6 @@ loop:
 		<-proxyDone
 	} else {
 		s.ln.Close()
-	}
-	if s.admin != nil {
-		adminSrv.Close()
 	}
 	s.mark("exit")
 	s.log.Info("exiting", "requests", s.requests.Load())
@@ -365,4 +379,38 @@ func (s *sidecar) proxy() http.Handler {
 		w.Header().Set("X-Demo-Sidecar", who)
 		rp.ServeHTTP(w, r)
 	})
+}
+
+// connSet tracks the server's open connections.
+type connSet struct {
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+}
+
+func trackConns(srv *http.Server) *connSet {
+	f := &connSet{conns: map[net.Conn]struct{}{}}
+	srv.ConnState = func(c net.Conn, st http.ConnState) {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		switch st {
+		case http.StateClosed, http.StateHijacked:
+			delete(f.conns, c)
+		default:
+			f.conns[c] = struct{}{}
+		}
+	}
+	return f
+}
+
+// waitNone returns once no connection is open, or when ctx ends.
+func (f *connSet) waitNone(ctx context.Context) {
+	for ctx.Err() == nil {
+		f.mu.Lock()
+		n := len(f.conns)
+		f.mu.Unlock()
+		if n == 0 {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
 }

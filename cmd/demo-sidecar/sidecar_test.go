@@ -207,16 +207,7 @@ func TestReadyAfterAndForwarding(t *testing.T) {
 func TestSocketActivation(t *testing.T) {
 	checkFDs(t)
 	_, appAddr := startApp(t, "app")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	f, err := ln.(*net.TCPListener).File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	f, passedAddr := heldListener(t)
 	passedInode := fdInode(t, int(f.Fd()))
 	notBound := freePort(t) // the sidecar would bind this if it ignored the passed socket
 
@@ -231,14 +222,13 @@ func TestSocketActivation(t *testing.T) {
 	})
 	// From now on only the sidecar holds the socket.
 	f.Close()
-	ln.Close()
 
 	bound := waitMark(t, sc, rf, "bound", 10*time.Second)
 	waitMark(t, sc, rf, "ready", 10*time.Second)
-	if bound.fields["source"] != "activation" || bound.fields["listen"] != ln.Addr().String() {
-		t.Errorf("bound line %v, want source=activation listen=%s", bound.fields, ln.Addr())
+	if bound.fields["source"] != "activation" || bound.fields["listen"] != passedAddr {
+		t.Errorf("bound line %v, want source=activation listen=%s", bound.fields, passedAddr)
 	}
-	status, via, body := get(t, "http://"+ln.Addr().String()+"/")
+	status, via, body := get(t, "http://"+passedAddr+"/")
 	if status != 200 || !strings.Contains(via, fmt.Sprintf("pid=%d", sc.pid())) {
 		t.Fatalf("via passed socket: status %d, X-Demo-Sidecar %q, body %s", status, via, body)
 	}
@@ -316,12 +306,20 @@ func TestFDStore(t *testing.T) {
 	}, procOpts{env: []string{"NOTIFY_SOCKET=" + ns.path}})
 
 	msg, fds := ns.recv(t, 10*time.Second)
-	for _, fd := range fds {
-		defer unix.Close(fd)
+	// Each received fd goes into an os.File at once, so exactly one owner
+	// closes it (a raw close plus an os.File's finalizer would close the
+	// number twice, the second time someone else's fd).
+	files := make([]*os.File, len(fds))
+	for i, fd := range fds {
+		files[i] = os.NewFile(uintptr(fd), fmt.Sprintf("received-%d", i))
+		defer files[i].Close()
 	}
 	if msg != "FDSTORE=1\nFDNAME=listen" || len(fds) != 1 {
 		t.Fatalf("first notify message %q with %d fds, want FDSTORE=1\\nFDNAME=listen with 1 fd", msg, len(fds))
 	}
+	storedFile := files[0]
+	// The raw number, not storedFile.Fd(): Fd() would switch the socket,
+	// shared with the running sidecar, to blocking mode.
 	stored := fds[0]
 	bound := waitMark(t, sc, rf1, "bound", 10*time.Second)
 	if !socketInodes(t, sc.pid())[fdInode(t, stored)] {
@@ -366,7 +364,6 @@ func TestFDStore(t *testing.T) {
 	}()
 	time.Sleep(100 * time.Millisecond) // let the request reach the accept queue
 
-	storedFile := os.NewFile(uintptr(stored), "stored")
 	rf2 := filepath.Join(dir, "ready2")
 	sc2 := startProc(t, "sidecar-2", bins.sidecar, []string{
 		"--listen", "127.0.0.1:1", "--admin", "", "--upstream", appAddr,
@@ -518,6 +515,27 @@ func TestCrashAndUnready(t *testing.T) {
 			t.Errorf("crashed %s after ready, want at least 200ms", time.Since(ready.at))
 		}
 	})
+	t.Run("SIGTERM before ready is a clean stop", func(t *testing.T) {
+		rf := filepath.Join(t.TempDir(), "ready")
+		sc := startProc(t, "sidecar", bins.sidecar, []string{
+			"--listen", "127.0.0.1:0", "--admin", "", "--upstream", appAddr,
+			"--ready-after", "1h", "--ready-file", rf,
+		}, procOpts{})
+		bound := waitMark(t, sc, rf, "bound", 10*time.Second)
+		sc.signal(t, syscall.SIGTERM)
+		if code := sc.wait(t, 10*time.Second); code != 0 {
+			t.Errorf("exit code %d, want 0", code)
+		}
+		for _, m := range readMarks(t, rf) {
+			if m.event == "ready" {
+				t.Errorf("became ready although --ready-after was 1h")
+			}
+		}
+		if c, err := net.DialTimeout("tcp", bound.fields["listen"], time.Second); err == nil {
+			c.Close()
+			t.Errorf("port %s still accepts after the sidecar exited", bound.fields["listen"])
+		}
+	})
 	t.Run("unready-after turns /ready to 503 and keeps forwarding", func(t *testing.T) {
 		rf := filepath.Join(t.TempDir(), "ready")
 		sc := startProc(t, "sidecar", bins.sidecar, []string{
@@ -541,5 +559,73 @@ func TestCrashAndUnready(t *testing.T) {
 		}
 		sc.signal(t, syscall.SIGTERM)
 		sc.wait(t, 10*time.Second)
+	})
+}
+
+// rawListenerFD returns a raw fd, owned by the caller, of a new loopback
+// listening socket and the socket's address.
+func rawListenerFD(t *testing.T) (int, string) {
+	t.Helper()
+	f, addr := heldListener(t) // closed at cleanup; the dup is the caller's
+	fd, err := unix.Dup(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fd, addr
+}
+
+// TestTakeListeners hands real fds to takeListeners: the "listen" and
+// "admin" ones become listeners on the right sockets, any other is closed,
+// and a passed fd that is not a listening socket is refused with every fd
+// closed.
+func TestTakeListeners(t *testing.T) {
+	checkFDs(t)
+	t.Run("named", func(t *testing.T) {
+		adminFD, adminAddr := rawListenerFD(t)
+		listenFD, listenAddr := rawListenerFD(t)
+		extraFD, _ := rawListenerFD(t)
+		// Fd numbers are reused at once, so count instead of probing them.
+		before := countFDs(t)
+		a, err := takeListeners([]passedFD{{adminFD, "admin"}, {listenFD, "listen"}, {extraFD, "extra"}}, t.Logf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer a.listen.Close()
+		defer a.admin.Close()
+		if a.listen.Addr().String() != listenAddr || a.admin.Addr().String() != adminAddr {
+			t.Errorf("listen %s admin %s, want %s and %s", a.listen.Addr(), a.admin.Addr(), listenAddr, adminAddr)
+		}
+		// Three passed fds closed, two listeners' own fds open.
+		if after := countFDs(t); after != before-1 {
+			t.Errorf("%d fds open after taking 3 passed fds into 2 listeners, want %d", after, before-1)
+		}
+	})
+	t.Run("first unnamed is the listener", func(t *testing.T) {
+		fd, addr := rawListenerFD(t)
+		a, err := takeListeners([]passedFD{{fd, "unknown"}}, t.Logf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer a.listen.Close()
+		if a.listen.Addr().String() != addr || a.admin != nil {
+			t.Errorf("listen %v admin %v, want %s and none", a.listen.Addr(), a.admin, addr)
+		}
+	})
+	t.Run("not a socket", func(t *testing.T) {
+		adminFD, _ := rawListenerFD(t)
+		var p [2]int
+		if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(p[1])
+		before := countFDs(t)
+		_, err := takeListeners([]passedFD{{adminFD, "admin"}, {p[0], "listen"}}, t.Logf)
+		want := fmt.Sprintf("passed fd %d (name \"listen\"): not a listening socket", p[0])
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Fatalf("error %v, want one containing %q", err, want)
+		}
+		if after := countFDs(t); after != before-2 {
+			t.Errorf("%d fds open after the error, want %d: both passed fds closed, nothing kept", after, before-2)
+		}
 	})
 }

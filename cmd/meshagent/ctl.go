@@ -32,7 +32,7 @@ func cmdCtl(args []string, stdout io.Writer) error {
 	}
 	rest := fs.Args()
 	if len(rest) == 0 {
-		return errors.New("ctl: want a command: pods, pod, restart, restart-pod, events, switch, reload, inspect, metrics")
+		return errors.New("ctl: want a command: pods, pod, restart, restart-pod, upgrade, events, switch, reload, inspect, metrics, status, plan")
 	}
 	// Flags may also follow the command: `ctl pods --json`.
 	cmd, rest := rest[0], rest[1:]
@@ -42,6 +42,7 @@ func cmdCtl(args []string, stdout io.Writer) error {
 	pod := sub.String("pod", "", "only this pod (events)")
 	since := sub.Uint64("since", 0, "events after this sequence number")
 	limit := sub.Int("limit", 100, "at most this many events")
+	upg := addUpgradeFlags(sub)
 	// Flags may sit between arguments too: `ctl switch list --json`.
 	var positional []string
 	for {
@@ -120,6 +121,8 @@ func cmdCtl(args []string, stdout io.Writer) error {
 			func(w io.Writer) {
 				fmt.Fprintf(w, "restarting pod %s (apps stop first, sidecars start first)\n", rest[0])
 			})
+	case "upgrade":
+		return ctlUpgrade(c, rest, upg, out)
 	case "events":
 		evs, err := c.Events(ctx, *since, *limit, *pod)
 		if err != nil {
@@ -128,6 +131,9 @@ func cmdCtl(args []string, stdout io.Writer) error {
 		return out(evs, func(w io.Writer) { eventTable(w, evs) })
 	default:
 		if handled, err := ctlOps(ctx, c, cmd, rest, *asJSON, stdout, out); handled { // ctl_ops.go
+			return err
+		}
+		if handled, err := ctlFeatures(ctx, c, cmd, rest, out); handled { // ctl_features.go
 			return err
 		}
 		return fmt.Errorf("ctl: unknown command %q", cmd)

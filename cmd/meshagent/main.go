@@ -77,7 +77,8 @@ func usage(w io.Writer) {
 	fmt.Fprint(w, `usage:
   meshagent run --config FILE
   meshagent ctl [--socket PATH] [--json] pods | pod NAME | restart [NAMESPACE/]POD/CONTAINER | restart-pod POD | events [--pod NAME]
-  meshagent ctl [--socket PATH] [--json] switch list | switch set NAME on|off | reload | inspect | metrics
+  meshagent ctl [--socket PATH] [--json] switch list | switch set NAME on|off | reload | inspect | metrics | status | plan
+  meshagent ctl upgrade POD/SIDECAR --command PATH [--arg A]... [--version V] [--wait D]
   meshagent gate [--socket PATH] [--probe] [--json] [--agent-wait D] [--no-agent open|closed]
   meshagent hold [--socket PATH] [--json]
   meshagent version

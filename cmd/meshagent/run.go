@@ -24,7 +24,7 @@ func runAgent(ctx context.Context, cfg *agent.Config, path string, log *slog.Log
 		return err
 	}
 	a, err := agent.New(cfg, agent.WithLogger(log), agent.WithConfigPath(path),
-		agent.WithNotifier(n), agent.WithMetrics(m))
+		agent.WithNotifier(n), agent.WithMetrics(m), agent.WithCgroups())
 	if err != nil {
 		return err
 	}

@@ -316,7 +316,8 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 		for i := range passed {
 			w := windows[i]
 			w.wg.Wait()
-			win := Window{Index: i, Start: time.Duration(i) * cfg.Window, Length: cfg.Window,
+			start := time.Duration(i) * cfg.Window
+			win := Window{Index: i, Start: start, Length: min(cfg.Window, cfg.Duration-start),
 				Counts: w.c, Latency: summarize(append([]time.Duration(nil), w.lats...))}
 			out = append(out, win)
 			if cfg.OnWindow != nil {

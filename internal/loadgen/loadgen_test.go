@@ -174,6 +174,12 @@ func TestOutcomesAgainstRealServers(t *testing.T) {
 				cfg.Rate = 100
 				cfg.Duration = 300 * time.Millisecond
 				cfg.NewConnRatio = ratio
+				if cfg.Timeout == 0 {
+					// Generous: on a busy machine a misbehaving server's
+					// goroutine may be late, and that must not look like a
+					// timeout.
+					cfg.Timeout = 10 * time.Second
+				}
 				// POST: Go's client would retry a GET on a reused connection
 				// the server closed, hiding resets and EOFs.
 				cfg.Method = http.MethodPost
