@@ -118,7 +118,7 @@ func TestKubeConfig(t *testing.T) {
 	}{
 		{name: "defaults", yaml: "node:\n  kubernetes: {}\n", check: func(t *testing.T, k *KubeConfig) {
 			assert.Equal(t, &KubeConfig{Containerd: DefaultContainerdSocket, Namespace: KubeNamespace,
-				GateSocket: DefaultGateSocket, CgroupRoot: DefaultCgroupRoot, Resync: Duration(time.Minute)}, k)
+				GateSocket: DefaultGateSocket, Resync: Duration(time.Minute)}, k)
 		}},
 		{name: "set", yaml: base + "    containerd: /run/k3s/containerd/containerd.sock\n    namespace: k8s.io\n    gateSocket: /var/run/mesh/gate.sock\n    resync: 30s\n",
 			check: func(t *testing.T, k *KubeConfig) {

@@ -7,7 +7,8 @@ import (
 	"time"
 )
 
-// KubeConfig turns on Kubernetes mode: the agent follows the pods that
+// KubeConfig turns on Kubernetes mode (the sidecars' resource values come
+// from node.cgroup and node.nri, config_cgroup.go): the agent follows the pods that
 // kubelet runs on this node's containerd, beside (or instead of) the pods
 // of its own config. It needs no API server: everything comes from
 // containerd and its CRI plugin, so the node keeps working while the
@@ -23,9 +24,6 @@ type KubeConfig struct {
 	// /run/meshagent/gate.sock. Any process may connect: the agent tells
 	// who is calling by its peer credentials, not by what it asks.
 	GateSocket string `yaml:"gateSocket" json:"gateSocket"`
-	// CgroupRoot is where the node's cgroup hierarchies are mounted;
-	// default /sys/fs/cgroup.
-	CgroupRoot string `yaml:"cgroupRoot" json:"cgroupRoot"`
 	// Resync is how often containerd is listed again to catch events the
 	// stream missed; default 1m.
 	Resync Duration `yaml:"resync" json:"resync"`
@@ -35,7 +33,6 @@ type KubeConfig struct {
 const (
 	DefaultContainerdSocket = "/run/containerd/containerd.sock"
 	DefaultGateSocket       = "/run/meshagent/gate.sock"
-	DefaultCgroupRoot       = "/sys/fs/cgroup"
 	KubeNamespace           = "k8s.io"
 )
 
@@ -48,9 +45,6 @@ func (k *KubeConfig) setDefaults() {
 	}
 	if k.GateSocket == "" {
 		k.GateSocket = DefaultGateSocket
-	}
-	if k.CgroupRoot == "" {
-		k.CgroupRoot = DefaultCgroupRoot
 	}
 	if k.Resync == 0 {
 		k.Resync = Duration(time.Minute)
@@ -65,7 +59,7 @@ func (k *KubeConfig) validate() error {
 		errs = append(errs, fmt.Errorf("node.kubernetes.%s: %s", path, fmt.Sprintf(format, a...)))
 	}
 	for _, p := range []struct{ name, v string }{
-		{"containerd", k.Containerd}, {"gateSocket", k.GateSocket}, {"cgroupRoot", k.CgroupRoot},
+		{"containerd", k.Containerd}, {"gateSocket", k.GateSocket},
 	} {
 		if !filepath.IsAbs(p.v) {
 			add(p.name, "want an absolute path, got %q", p.v)
