@@ -171,7 +171,7 @@ type demoAgent struct {
 func startDemoAgent(tb testing.TB, pods ...PodSpec) *demoAgent {
 	tb.Helper()
 	dir := tb.TempDir()
-	cfg := &Config{Node: Node{AdminSocket: filepath.Join(dir, "admin.sock"), StateDir: filepath.Join(dir, "state")}, Pods: pods}
+	cfg := &Config{Node: Node{AdminSocket: filepath.Join(dir, "admin.sock"), StateDir: filepath.Join(dir, "state"), MetricsAddr: "off"}, Pods: pods}
 	cfg.setDefaults()
 	if err := cfg.Validate(); err != nil {
 		tb.Fatal(err)

@@ -199,8 +199,10 @@ func containerEnv(pod *PodSpec, c *ContainerSpec, extra []string) []string {
 	for _, k := range keys {
 		env = append(env, k+"="+c.Env[k])
 	}
-	// NOTIFY_SOCKET and the watchdog variables are the agent's alone.
-	return systemd.ChildEnv(append(env, extra...))
+	// The agent's own NOTIFY_SOCKET and watchdog variables never reach a
+	// container, even one configured with them by mistake; what features
+	// add (a per-sidecar notify socket for the fd store) comes after.
+	return append(systemd.ChildEnv(env), extra...)
 }
 
 // hostProcess watches one process through its pidfd.

@@ -2,6 +2,8 @@ package agent
 
 import (
 	"sync"
+
+	"github.com/meshagent/meshagent/metrics"
 )
 
 // Every event the pods record passes through observe, which turns it into
@@ -39,6 +41,10 @@ func (a *Agent) observe(e Event) {
 		}
 	case EvOOMKill:
 		m.OOMKill(e.Pod, e.Container, e.Fields["role"])
+	case EvUpgradeSucceeded:
+		m.HandoffDone(metrics.KindUpgrade, metrics.OutcomeSuccess, metrics.ReasonNone, e.Duration)
+	case EvUpgradeRolledBack:
+		m.HandoffDone(metrics.KindUpgrade, metrics.OutcomeRolledBack, e.Fields["why"], e.Duration)
 	case EvSwitch:
 		m.Switch(e.Fields["switch"], e.Fields["value"] == "on")
 	case EvState:

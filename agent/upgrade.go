@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/meshagent/meshagent/metrics"
 	"strings"
 	"sync"
 	"syscall"
@@ -96,6 +97,9 @@ func (a *Agent) Upgrade(ctx context.Context, pod, container string, req UpgradeR
 	r := a.runner(pod)
 	if r == nil {
 		return UpgradeResult{}, fmt.Errorf("pod %q: %w", pod, ErrNotFound)
+	}
+	if !a.Switch(SwitchHotUpgrade) {
+		return UpgradeResult{}, fmt.Errorf("pod %s container %s: %w: the %s switch is off", pod, container, ErrUpgradeState, SwitchHotUpgrade)
 	}
 	// The upgrade lives as long as the pod, not the request: a caller
 	// that goes away does not leave a half-done upgrade behind.
@@ -200,7 +204,7 @@ func (r *podRunner) upgrade(ctx context.Context, name string, req UpgradeRequest
 	rolledBack := func(reason string) (UpgradeResult, error) {
 		res.Outcome, res.Reason, res.Duration = UpgradeRolledBack, reason, time.Since(began)
 		r.event(ctx, Event{Type: EvUpgradeRolledBack, Container: name, PID: res.NewPID, Reason: reason, Duration: res.Duration,
-			Fields: map[string]string{"from": oldSpec.Version, "to": newSpec.Version}})
+			Fields: map[string]string{"from": oldSpec.Version, "to": newSpec.Version, "why": rollbackWhy(reason)}})
 		return res, nil
 	}
 
@@ -412,4 +416,19 @@ func killWait(p Process) {
 	case <-p.Done():
 	case <-t.C:
 	}
+}
+
+// rollbackWhy sorts a rollback reason into the bounded set the metrics use.
+func rollbackWhy(reason string) string {
+	switch {
+	case strings.Contains(reason, "watch window"), strings.Contains(reason, "exited before it was ready"):
+		return metrics.ReasonCrashed
+	case strings.Contains(reason, "not ready"):
+		return metrics.ReasonNotReady
+	case strings.Contains(reason, "did not start"):
+		return metrics.ReasonFDTransfer
+	case strings.Contains(reason, "context canceled"):
+		return metrics.ReasonCanceled
+	}
+	return metrics.ReasonOther
 }

@@ -317,3 +317,16 @@ func TestHandoffLeavesNoGoroutinesOrFDs(t *testing.T) {
 	_, err = os.Stat(podHandoffDir(stateDir{dir: filepath.Dir(da.socket) + "/state"}, "leak"))
 	assert.True(t, os.IsNotExist(err), "the pod's socket directory is left: %v", err)
 }
+
+func TestUpgradeRefusedWhileSwitchOff(t *testing.T) {
+	h := newHostPod(t, "web", nil)
+	ra := startAgent(t, testConfig(t, h.spec))
+	ra.waitPhase(t, "web", PhaseRunning)
+	_, err := ra.SetSwitch(context.Background(), SwitchHotUpgrade, false, 0)
+	require.NoError(t, err)
+	old := ra.container(t, "web", "proxy").PID
+	_, err = ra.Upgrade(context.Background(), "web", "proxy", UpgradeRequest{Command: "/bin/true"})
+	require.ErrorIs(t, err, ErrUpgradeState)
+	assert.Contains(t, err.Error(), "hot-upgrade switch is off")
+	assert.Equal(t, old, ra.container(t, "web", "proxy").PID, "nothing was started or stopped")
+}

@@ -25,7 +25,7 @@ func ctlAgent(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
 	cfg, err := agent.ParseConfig([]byte(`
-node: {adminSocket: ` + filepath.Join(dir, "a.sock") + `, stateDir: ` + filepath.Join(dir, "state") + `}
+node: {adminSocket: ` + filepath.Join(dir, "a.sock") + `, stateDir: ` + filepath.Join(dir, "state") + `, metricsAddr: "off"}
 pods:
   - name: shop
     containers:
