@@ -331,7 +331,20 @@ func (r *Runtime) ContainerState(ctx context.Context, id string) (runtimeapi.Con
 // the pod-level cgroup folders containerd leaves behind.
 func (r *Runtime) RemovePod(ctx context.Context, pod *Pod) error {
 	var errs []error
-	if _, err := r.RS.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: pod.SandboxID}); err != nil {
+	// kubelet retries a failed StopPodSandbox on its next sync; so do we, a
+	// few times: containerd 1.6 can lose its shim connection ("ttrpc:
+	// closed") while killing a container that is exiting by itself.
+	var err error
+	for i := 0; i < 5; i++ {
+		if _, err = r.RS.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: pod.SandboxID}); err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	if err != nil {
 		errs = append(errs, fmt.Errorf("stop pod sandbox %s/%s: %w", pod.Namespace, pod.Name, err))
 	}
 	if _, err := r.RS.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: pod.SandboxID}); err != nil {
