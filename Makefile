@@ -11,9 +11,16 @@ build:
 # time: the cgroup tests measure CPU shares and OOM order on the real kernel,
 # the hand-off tests count refused connections under load, and neither should
 # share two cores with another package's load.
+# The cgroup tests run without the race detector: they measure how much CPU
+# a sidecar gets from the kernel, and an instrumented busy loop under a quota
+# gets measurably less (0.13 instead of 0.2 CPU here) for reasons that are not
+# the scheduler's.
+RACE_PKGS = $(shell $(GO) list ./... | grep -v '/cgroup$$')
+
 test: lint check-imports
-	$(GO) test -race -count=1 -run '^$$' $(PKGS) >/dev/null
-	$(GO) test -race -count=1 -p 1 -timeout 25m $(PKGS)
+	$(GO) test -race -count=1 -run '^$$' $(RACE_PKGS) >/dev/null
+	$(GO) test -race -count=1 -p 1 -timeout 25m $(RACE_PKGS)
+	$(GO) test -count=1 -timeout 10m ./cgroup
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
