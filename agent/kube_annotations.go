@@ -59,7 +59,7 @@ func defaultKubePodPolicy() kubePodPolicy {
 		StartupTimeout:   2 * time.Minute,
 		OnTimeout:        FailClosed,
 		StartupInterval:  5 * time.Millisecond,
-		Period:           time.Second,
+		Period:           5 * time.Second, // as in host mode: hang found within 15s, probes cheap at node scale
 		Timeout:          time.Second,
 		FailureThreshold: 3,
 		RestartGrace:     30 * time.Second,
