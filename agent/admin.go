@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/user"
 	"strconv"
@@ -60,6 +61,12 @@ func newAdminServer(a *Agent) *http.Server {
 	s.mux.HandleFunc("GET /v1/events", s.eventsList)
 	s.opsRoutes()     // admin_ops.go
 	s.featureRoutes() // admin_features.go
+	// The runtime's own profiles answer "why does the agent use this much
+	// CPU or memory on this node" without a rebuild; the peer check above
+	// already limits them to the admin socket's operators.
+	s.mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	s.mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	s.mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Errorf("no endpoint %s %s", r.Method, r.URL.Path))
 	})

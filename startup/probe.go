@@ -19,10 +19,22 @@ type Probe interface {
 }
 
 // TCP is ready when a TCP connection to Addr is accepted.
-type TCP struct{ Addr string }
+type TCP struct {
+	Addr string
+	// Listeners, when set, answers for loopback addresses from the
+	// kernel's listening-socket table instead of a handshake; see
+	// Listeners for when it still connects.
+	Listeners *Listeners
+}
 
-func (p TCP) Check(ctx context.Context) error { return dialCheck(ctx, "tcp", p.Addr) }
-func (p TCP) String() string                  { return "tcp " + p.Addr }
+func (p TCP) Check(ctx context.Context) error {
+	if p.Listeners != nil {
+		return p.Listeners.verdict(ctx, p.Addr)
+	}
+	return dialCheck(ctx, "tcp", p.Addr)
+}
+
+func (p TCP) String() string { return "tcp " + p.Addr }
 
 // Unix is ready when a connection to the unix socket Path is accepted.
 type Unix struct{ Path string }

@@ -14,6 +14,11 @@ type Schedule struct {
 	// Fast is the interval between checks until the first success. It is
 	// what makes the gate react within milliseconds.
 	Fast time.Duration
+	// Align puts the checks after the first success on a grid of Period
+	// that every aligned watch shares, so the probes of hundreds of
+	// containers wake the agent once per period, together, and read one
+	// Listeners table, instead of each waking it on a tick of its own.
+	Align bool
 }
 
 // Result is one check's outcome.
@@ -65,9 +70,18 @@ func Watch(ctx context.Context, p Probe, s Schedule, report func(Result)) {
 		}
 		report(Result{Err: err, Failures: failures, At: time.Now()})
 		next := s.Period
-		if !everReady {
+		switch {
+		case !everReady:
 			next = s.Fast
+		case s.Align:
+			next = untilGrid(time.Now(), s.Period)
 		}
 		t.Reset(next)
 	}
+}
+
+// untilGrid is the time from now to the next multiple of period since the
+// Unix epoch: the same instant for every aligned watch of that period.
+func untilGrid(now time.Time, period time.Duration) time.Duration {
+	return period - time.Duration(now.UnixNano()%int64(period))
 }
