@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshagent/meshagent/startup"
 )
 
 // Agent supervises the pods of one node.
@@ -22,6 +24,8 @@ type Agent struct {
 	events *eventLog
 	state  stateDir
 	hooks  []func(Event)
+
+	listeners startup.Listeners // shared by every pod's TCP probes
 
 	mu    sync.Mutex
 	pods  map[string]*podRunner
@@ -181,6 +185,7 @@ func (a *Agent) waitStarted() {
 
 func (a *Agent) addPod(spec *PodSpec) {
 	r := newPodRunner(spec, a.rt, a.state, a.log, a.record)
+	r.listeners = &a.listeners
 	r.adopt(a.podsCtx)
 	// Each pod has its own context so a reload can retire one pod.
 	ctx, cancel := context.WithCancel(a.podsCtx)

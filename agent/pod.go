@@ -33,6 +33,10 @@ type podRunner struct {
 	wg  sync.WaitGroup // process watchers and probes
 
 	hx *podHandoff // held listeners and upgrades (handoff.go, upgrade.go)
+
+	// listeners is the node's listening-socket table that TCP readiness
+	// probes share; nil probes by connecting.
+	listeners *startup.Listeners
 }
 
 type timerKey struct {
@@ -207,14 +211,16 @@ func (r *podRunner) probe(a ActProbe) {
 		return
 	}
 	c := r.spec.Container(a.Container)
-	probe := newProbe(c)
+	probe := newProbe(c, r.listeners)
 	if probe == nil {
 		return
 	}
 	ctx, cancel := context.WithCancel(r.ctx)
 	r.probes[a.Container] = cancel
 	rd := c.Readiness
-	sched := startup.Schedule{Period: rd.Period.D(), Timeout: rd.Timeout.D(), Fast: rd.StartupInterval.D()}
+	// Aligned: every pod's steady-state checks of one period run in the
+	// same wake-up and share one listener table.
+	sched := startup.Schedule{Period: rd.Period.D(), Timeout: rd.Timeout.D(), Fast: rd.StartupInterval.D(), Align: true}
 	r.wg.Add(1)
 	go func() {
 		defer r.wg.Done()
@@ -240,13 +246,15 @@ func (r *podRunner) probe(a ActProbe) {
 	}()
 }
 
-func newProbe(c *ContainerSpec) startup.Probe {
+// newProbe builds c's readiness probe; TCP probes answer from l where it
+// can vouch (see startup.Listeners).
+func newProbe(c *ContainerSpec, l *startup.Listeners) startup.Probe {
 	rd := c.Readiness
 	switch {
 	case rd == nil:
 		return nil
 	case rd.TCP != "":
-		return startup.TCP{Addr: rd.TCP}
+		return startup.TCP{Addr: rd.TCP, Listeners: l}
 	case rd.HTTP != "":
 		return startup.HTTP{URL: rd.HTTP}
 	case rd.Unix != "":

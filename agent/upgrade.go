@@ -354,7 +354,7 @@ func (r *podRunner) waitShadowReady(ctx context.Context, c *ContainerSpec, p Pro
 	defer cancel()
 	probed := make(chan struct{})
 	if notified == nil {
-		probe := newProbe(c)
+		probe := newProbe(c, nil) // the shadow shares its predecessor's listeners: only a connect tells
 		if probe == nil {
 			return "" // nothing tells readiness: started is ready
 		}

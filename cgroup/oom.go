@@ -31,8 +31,12 @@ type OOMEvent struct {
 // seen with inotify). Who was killed is read from the per-container
 // oom_kill counters (v1 memory.oom_control, v2 memory.events), which count
 // kills in the victim's own group. On v1 the notification comes before the
-// kill, so a woken pod is re-read every hotPoll for hotFor; a slow sweep
-// every sweepEvery is the backstop for anything missed.
+// kill, so a woken pod is re-read every hotPoll for hotFor. A slow sweep
+// every sweepEvery is the backstop for kills no memcg event announces: a
+// node-wide OOM that takes a process other than a container's first (the
+// supervisor reads the counter itself whenever a container exits, so a
+// killed container is attributed at once without it). At 200 pods a sweep
+// reads 400 files, which at a 2 s sweep was a fifth of the agent's idle CPU.
 //
 // One goroutine (the caller of Run) owns the epoll loop; Add and Remove may
 // be called from others. Close releases every fd once Run has returned.
@@ -67,7 +71,7 @@ type oomContainer struct {
 const (
 	hotPoll    = 20 * time.Millisecond
 	hotFor     = time.Second
-	sweepEvery = 2 * time.Second
+	sweepEvery = 30 * time.Second
 )
 
 // NewOOMWatcher creates a watcher; call Close when done with it.
