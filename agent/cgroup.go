@@ -561,25 +561,28 @@ func (r *cgroupRuntime) Adopt(ctx context.Context, pod *PodSpec, c *ContainerSpe
 	return r.c.watchExit(pod.Name, c.Name, p), nil
 }
 
-// oomProcess delays Done until a kill of the container has been fed.
+// watchExit attributes p's exit to an OOM kill, if it was one, before the
+// supervisor learns of the exit.
+func (c *hostCgroups) watchExit(pod, container string, p Process) Process {
+	if h, ok := p.(exitHook); ok {
+		h.OnExit(func() { c.noteOOM(pod, container) })
+		return p
+	}
+	w := &oomProcess{Process: p, done: make(chan struct{}), released: make(chan struct{})}
+	onExit(p, w.released, nil, func() {
+		c.noteOOM(pod, container)
+		close(w.done)
+	})
+	return w
+}
+
+// oomProcess delays Done until a kill of the container has been fed, for
+// processes that cannot run a hook on exit.
 type oomProcess struct {
 	Process
 	done     chan struct{}
 	released chan struct{}
 	once     sync.Once
-}
-
-func (c *hostCgroups) watchExit(pod, container string, p Process) Process {
-	w := &oomProcess{Process: p, done: make(chan struct{}), released: make(chan struct{})}
-	go func() {
-		select {
-		case <-p.Done():
-			c.noteOOM(pod, container)
-			close(w.done)
-		case <-w.released:
-		}
-	}()
-	return w
 }
 
 func (p *oomProcess) Done() <-chan struct{} { return p.done }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,6 +37,14 @@ type HostRuntime struct {
 	// beside the agent's binary, else the agent's own binary.
 	Self string
 }
+
+// forkSlots bounds the process starts in flight. Each start blocks an OS
+// thread in fork and in the wait for exec, and the Go runtime never gives
+// a thread back: unbounded, starting 200 pods at once left the agent with
+// over a hundred idle threads and 3-4 MiB of their stacks for the rest of
+// its life. Starts serialize on the fork lock anyway, so a few in flight
+// lose nothing.
+var forkSlots = make(chan struct{}, 4)
 
 // Start implements Runtime.
 func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec) (Process, error) {
@@ -95,7 +104,14 @@ func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec)
 	cmd.Dir = c.Workdir
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	select {
+	case forkSlots <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("pod %s container %s: start %s: %w", pod.Name, c.Name, path, ctx.Err())
+	}
+	err = cmd.Start()
+	<-forkSlots
+	if err != nil {
 		return nil, fmt.Errorf("pod %s container %s: start %s: %w", pod.Name, c.Name, path, err)
 	}
 	pid := cmd.Process.Pid
@@ -209,16 +225,31 @@ func containerEnv(pod *PodSpec, c *ContainerSpec, extra []string) []string {
 type hostProcess struct {
 	rec   ProcessRecord
 	child bool // ours to reap, so its exit status is known
-	pidfd *os.File
 
-	done     chan struct{}
-	exit     ExitStatus
-	release  sync.Once
-	released chan struct{}
+	done chan struct{}
+	exit ExitStatus
+
+	mu     sync.Mutex
+	pidfd  int      // -1 once closed
+	hooks  []func() // run once the process has exited, before done closes
+	exited bool     // hooks have been taken
+	gone   bool     // exited or released: the poller no longer has it
+}
+
+// OnExit runs f on the watcher once the process has exited, before Done
+// closes; at once on a goroutine of its own if it already has.
+func (p *hostProcess) OnExit(f func()) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.exited {
+		go f()
+		return
+	}
+	p.hooks = append(p.hooks, f)
 }
 
 func watchPID(pid int, child bool) (*hostProcess, error) {
-	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
+	fd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
 		return nil, fmt.Errorf("pidfd_open %d: %w", pid, err)
 	}
@@ -232,44 +263,34 @@ func watchPID(pid int, child bool) (*hostProcess, error) {
 	}
 	p := &hostProcess{
 		rec:   ProcessRecord{PID: pid, StartTime: st, Started: time.Now()},
-		child: child, pidfd: os.NewFile(uintptr(fd), fmt.Sprintf("pidfd:%d", pid)),
-		done: make(chan struct{}), released: make(chan struct{}),
+		child: child, pidfd: fd, done: make(chan struct{}),
 	}
-	go p.wait()
+	if err := exits.add(p); err != nil {
+		// Not pollable here: block a thread for this one instead.
+		go func() {
+			pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+			for {
+				if _, perr := unix.Poll(pfd, -1); perr != unix.EINTR {
+					break
+				}
+			}
+			p.finish()
+		}()
+	}
 	return p, nil
 }
 
-// wait blocks in the netpoller (no thread per process) until the pidfd
-// reports the exit, then reaps a child of ours.
-func (p *hostProcess) wait() {
-	rc, err := p.pidfd.SyscallConn()
-	if err == nil {
-		err = rc.Read(func(fd uintptr) bool {
-			select {
-			case <-p.released:
-				return true
-			default:
-			}
-			pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-			n, _ := unix.Poll(pfd, 0)
-			return n > 0
-		})
+// finish reaps a child of ours, ends its process group, runs the exit
+// hooks and closes done. It runs once, after the pidfd reported the exit,
+// unless the process was released first.
+func (p *hostProcess) finish() {
+	p.mu.Lock()
+	if p.gone {
+		p.mu.Unlock()
+		return // released: let go without waiting for the exit
 	}
-	if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
-		// Not pollable here: block a thread instead.
-		pfd := []unix.PollFd{{Fd: int32(p.pidfd.Fd()), Events: unix.POLLIN}}
-		for {
-			if _, perr := unix.Poll(pfd, -1); perr != unix.EINTR {
-				break
-			}
-		}
-	}
-	select {
-	case <-p.released:
-		p.pidfd.Close() // let go without waiting for the exit
-		return
-	default:
-	}
+	p.gone = true
+	p.mu.Unlock()
 	if p.child {
 		var ws unix.WaitStatus
 		for {
@@ -288,7 +309,16 @@ func (p *hostProcess) wait() {
 	// Stragglers of the process group (children that outlived their
 	// leader) go with it, the way systemd's control-group kill mode does.
 	_ = unix.Kill(-p.rec.PID, unix.SIGKILL)
-	p.pidfd.Close()
+	p.mu.Lock()
+	unix.Close(p.pidfd)
+	p.pidfd = -1
+	p.exited = true
+	hooks := p.hooks
+	p.hooks = nil
+	p.mu.Unlock()
+	for _, f := range hooks {
+		f()
+	}
 	close(p.done)
 }
 
@@ -300,14 +330,14 @@ func (p *hostProcess) Record() ProcessRecord { return p.rec }
 // Signal sends sig to the process group; if the process left its group
 // (setsid), to the process alone through the pidfd.
 func (p *hostProcess) Signal(sig syscall.Signal) error {
-	select {
-	case <-p.done:
-		return nil
-	default:
+	p.mu.Lock()
+	defer p.mu.Unlock() // holds the pidfd open while it is used
+	if p.pidfd < 0 {
+		return nil // exited (or released)
 	}
 	err := unix.Kill(-p.rec.PID, sig)
 	if errors.Is(err, unix.ESRCH) {
-		err = unix.PidfdSendSignal(int(p.pidfd.Fd()), sig, nil, 0)
+		err = unix.PidfdSendSignal(p.pidfd, sig, nil, 0)
 	}
 	if err != nil && !errors.Is(err, unix.ESRCH) {
 		return fmt.Errorf("signal %s to pid %d: %w", unixSignalName(sig), p.rec.PID, err)
@@ -322,12 +352,134 @@ func (p *hostProcess) Signal(sig syscall.Signal) error {
 
 // Release stops watching; the process keeps running.
 func (p *hostProcess) Release() error {
-	p.release.Do(func() {
-		close(p.released)
-		// Wake the poller so wait returns.
-		_ = p.pidfd.SetReadDeadline(time.Now())
-	})
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.gone {
+		return nil
+	}
+	p.gone = true
+	exits.remove(p.pidfd)
+	unix.Close(p.pidfd)
+	p.pidfd = -1
 	return nil
+}
+
+// exits watches the pidfds of every host process with one epoll set and
+// one goroutine. A goroutine parked on each pidfd in the netpoller cost
+// two per pod of a sidecar and an app, and their stacks; an exit is rare
+// enough that one waiter serves the node. The goroutine and its fds exist
+// only while something is watched, so a supervisor that has let go of
+// every process holds nothing.
+var exits exitPoller
+
+type exitPoller struct {
+	mu    sync.Mutex
+	epfd  int // -1 when not running
+	wake  int // eventfd that ends the wait when the set empties
+	procs map[int32]*hostProcess
+}
+
+func (e *exitPoller) add(p *hostProcess) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.procs == nil {
+		e.procs = map[int32]*hostProcess{}
+	}
+	if len(e.procs) == 0 {
+		if err := e.open(); err != nil {
+			return err
+		}
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(p.pidfd)}
+	if err := unix.EpollCtl(e.epfd, unix.EPOLL_CTL_ADD, p.pidfd, &ev); err != nil {
+		if len(e.procs) == 0 {
+			e.stopLocked()
+		}
+		return fmt.Errorf("epoll add pidfd of pid %d: %w", p.rec.PID, err)
+	}
+	e.procs[int32(p.pidfd)] = p
+	return nil
+}
+
+// open starts the epoll set and its goroutine; e.mu is held.
+func (e *exitPoller) open() error {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("epoll_create: %w", err)
+	}
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(epfd)
+		return fmt.Errorf("eventfd: %w", err)
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wake)}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &ev); err != nil {
+		unix.Close(epfd)
+		unix.Close(wake)
+		return fmt.Errorf("epoll add eventfd: %w", err)
+	}
+	e.epfd, e.wake = epfd, wake
+	go e.run(epfd, wake)
+	return nil
+}
+
+// remove stops watching fd (a released process); p.mu is held by the caller.
+func (e *exitPoller) remove(fd int) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if _, ok := e.procs[int32(fd)]; !ok {
+		return
+	}
+	delete(e.procs, int32(fd))
+	_ = unix.EpollCtl(e.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+	if len(e.procs) == 0 {
+		e.stopLocked()
+	}
+}
+
+// stopLocked tells the goroutine to close the set and return; the next add
+// opens a new one.
+func (e *exitPoller) stopLocked() {
+	one := [8]byte{1}
+	_, _ = unix.Write(e.wake, one[:])
+	e.epfd, e.wake = -1, -1
+}
+
+func (e *exitPoller) run(epfd, wake int) {
+	defer unix.Close(epfd)
+	defer unix.Close(wake)
+	evs := make([]unix.EpollEvent, 16)
+	for {
+		n, err := unix.EpollWait(epfd, evs, -1)
+		if err != nil && err != unix.EINTR {
+			// Cannot happen with a valid set; do not spin on it.
+			slog.Error("process watcher stopped", "err", err)
+			return
+		}
+		e.mu.Lock()
+		for _, ev := range evs[:max(n, 0)] {
+			if ev.Fd == int32(wake) {
+				continue
+			}
+			if p, ok := e.procs[ev.Fd]; ok {
+				delete(e.procs, ev.Fd)
+				_ = unix.EpollCtl(epfd, unix.EPOLL_CTL_DEL, int(ev.Fd), nil)
+				// Off the watcher: reaping and the hooks must not
+				// hold up the exits of other pods.
+				go p.finish()
+			}
+		}
+		if e.epfd != epfd {
+			e.mu.Unlock()
+			return // emptied and told to stop
+		}
+		if len(e.procs) == 0 {
+			e.stopLocked()
+			e.mu.Unlock()
+			return
+		}
+		e.mu.Unlock()
+	}
 }
 
 // procStartTime reads field 22 of /proc/PID/stat.

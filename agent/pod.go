@@ -190,16 +190,10 @@ func (r *podRunner) start(name string) Input {
 
 // watch posts InExited when p exits.
 func (r *podRunner) watch(name string, p Process) {
-	r.wg.Add(1)
-	go func() {
-		defer r.wg.Done()
-		select {
-		case <-p.Done():
-			e := p.Exit()
-			r.post(InExited{Container: name, PID: p.PID(), Status: e.String(), Failed: e.Failed()})
-		case <-r.ctx.Done():
-		}
-	}()
+	onExit(p, r.ctx.Done(), &r.wg, func() {
+		e := p.Exit()
+		r.post(InExited{Container: name, PID: p.PID(), Status: e.String(), Failed: e.Failed()})
+	})
 }
 
 func (r *podRunner) probe(a ActProbe) {
