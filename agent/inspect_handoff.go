@@ -76,19 +76,23 @@ func inspectPodStores(pod string, ph *podHandoff, spec *PodSpec) []Finding {
 			}
 		}
 		for _, f := range held {
-			switch {
-			case f.Err != nil:
+			if f.Err != nil {
 				out = append(out, Finding{Pod: pod, Container: h.name, Expected: fmt.Sprintf("held fd %q inspectable", f.Name),
 					Found: f.Err.Error()})
-			case !f.Listening:
+				continue
+			}
+			// Independent problems of one fd are reported each.
+			if !f.Listening {
 				out = append(out, Finding{Pod: pod, Container: h.name,
 					Expected: fmt.Sprintf("held fd %s listening", heldName(f)),
 					Found:    "not listening (shut down, or not a listening socket): a restarted sidecar gets a dead socket"})
-			case f.Spec != "" && !declared(c.Handoff, f):
+			}
+			if f.Spec != "" && !declared(c.Handoff, f) {
 				out = append(out, Finding{Pod: pod, Container: h.name,
 					Expected: "held listeners as declared: " + declaredList(c.Handoff),
 					Found:    fmt.Sprintf("held listener %s is no longer declared and pins its port", heldName(f))})
-			case inTree != nil && !inTree[f.Inode]:
+			}
+			if f.Listening && inTree != nil && !inTree[f.Inode] {
 				out = append(out, Finding{Pod: pod, Container: h.name,
 					Expected: fmt.Sprintf("held fd %s in use by the sidecar", heldName(f)),
 					Found: fmt.Sprintf("no process of the sidecar (pid %s) has it open: meshagent alone pins the port, where connections queue unanswered",
