@@ -184,7 +184,10 @@ func (a *Agent) waitStarted() {
 }
 
 func (a *Agent) addPod(spec *PodSpec) {
-	r := newPodRunner(spec, a.rt, a.state, a.log, a.record)
+	r := newPodRunner(spec, a.rt, a.state, a.log, a.record, hxHooks{
+		holding: func() bool { return a.Switch(SwitchHandoffStore) },
+		held:    func(container string, n int) { a.metrics.FDsHeld(spec.Name, container, n) },
+	})
 	r.listeners = &a.listeners
 	r.adopt(a.podsCtx)
 	// Each pod has its own context so a reload can retire one pod.
@@ -197,6 +200,9 @@ func (a *Agent) addPod(spec *PodSpec) {
 	a.lives[spec.Name] = podLife{cancel: cancel, done: done}
 	a.mu.Unlock()
 	_ = r.send(ctx, a.sw.machineInput())
+	// The stores opened before the switch lock was taken: a flip since
+	// then did not reach this pod (handoff_switch.go).
+	r.hx.setHolding(a.sw.onLocked(SwitchHandoffStore))
 	a.sw.mu.Unlock()
 	a.podsWG.Add(1)
 	go func() {

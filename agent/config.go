@@ -60,6 +60,11 @@ type InspectPolicy struct {
 	// FSMaxUsedPercent is the most the log filesystem may be used;
 	// default 90.
 	FSMaxUsedPercent int `yaml:"fsMaxUsedPercent" json:"fsMaxUsedPercent"`
+	// UpgradeMaxDuration, when set, is the longest a hot upgrade may be
+	// under way before the upgrade inspection reports it as stuck; by
+	// default each upgrade's own bound (its readyTimeout, stop grace and
+	// watch window, plus slack).
+	UpgradeMaxDuration Duration `yaml:"upgradeMaxDuration" json:"upgradeMaxDuration,omitzero"`
 }
 
 // Log configures the agent's own log.
@@ -479,6 +484,9 @@ func (c *Config) Validate() error {
 	}
 	if p := c.Node.Inspect.FSMaxUsedPercent; p < 0 || p > 100 {
 		add("node.inspect.fsMaxUsedPercent", "want 1 to 100, got %d", p)
+	}
+	if c.Node.Inspect.UpgradeMaxDuration < 0 {
+		add("node.inspect.upgradeMaxDuration", "negative")
 	}
 	errs = append(errs, c.validateCgroup()...) // config_cgroup.go
 	if k := c.Node.Kubernetes; k != nil {

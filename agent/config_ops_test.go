@@ -24,6 +24,8 @@ func TestParseConfigOpsFields(t *testing.T) {
 		{"bad metrics addr", "metricsAddr: localhost", "", `node.metricsAddr: want host:port or off, got "localhost"`},
 		{"fs percent", "inspect: {fsMaxUsedPercent: 101}", "", "node.inspect.fsMaxUsedPercent: want 1 to 100, got 101"},
 		{"log bytes", "inspect: {logMaxBytes: -1}", "", "node.inspect.logMaxBytes: negative"},
+		{"upgrade bound", "inspect: {upgradeMaxDuration: 5m}", "", ""},
+		{"negative upgrade bound", "inspect: {upgradeMaxDuration: -1s}", "", "node.inspect.upgradeMaxDuration (line 3): negative duration"},
 		{"version url", "", "versionURL: ftp://x/v", `pods[0].containers[0].versionURL: want an http:// or https:// URL, got "ftp://x/v"`},
 		{"version both", "", "versionURL: http://x/v\n        versionCommand: [v]", "pods[0].containers[0].versionURL: give versionURL or versionCommand, not both"},
 		{"version command", "", "version: \"1.0\"\n        versionCommand: [/bin/echo, \"1.0\"]", ""},

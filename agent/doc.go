@@ -19,11 +19,12 @@
 // hook that turns it into Prometheus metrics (metrics.go), served at
 // /metrics on the admin socket and on node.metricsAddr. Runtime switches
 // (switches.go) are emergency brakes persisted in the state directory; the
-// machine obeys auto-restart and startup-gate through InSwitches, other
+// machine obeys auto-restart and startup-gate through InSwitches, the pods'
+// fd stores are told of handoff-store flips (handoff_switch.go), other
 // features ask Agent.Switch when they act. Reload (reload.go) brings the
 // pods in line with the config file without touching unchanged ones.
-// Inspections (inspect.go) are Checks run on demand; features add theirs
-// with WithCheck. A Notifier (systemd) hears READY, RELOADING and STOPPING.
+// Inspections (inspect.go, inspect_handoff.go) are Checks run on demand;
+// features add theirs with WithCheck. A Notifier (systemd) hears READY, RELOADING and STOPPING.
 //
 // Resource policy: with WithCgroups (cgroup.go) the host runtime gets a
 // Preparer that places every container in meshagent/<pod>/<container>

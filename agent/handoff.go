@@ -39,8 +39,17 @@ type podHandoff struct {
 	wg     sync.WaitGroup // notify servers, MOSN hand-overs, snapshots
 
 	mu      sync.Mutex
-	busy    map[string]bool          // sidecars with an upgrade under way
+	busy    map[string]*upgradeRun   // sidecars with an upgrade under way (upgrade.go)
 	watches map[string]*upgradeWatch // the runner goroutine's alone
+}
+
+// hxHooks connect a pod's stores to the agent.
+type hxHooks struct {
+	// holding is the handoff-store switch when the stores open; flips
+	// after that arrive through podHandoff.setHolding.
+	holding func() bool
+	// held receives a sidecar's count of held fds after every change.
+	held func(container string, n int)
 }
 
 // sidecarHandoff is one sidecar's store and notify socket.
@@ -50,6 +59,13 @@ type sidecarHandoff struct {
 	store  *handoff.Store
 	notify *handoff.Notify // nil without fdStore
 	log    *slog.Logger
+
+	// hmu orders the handoff-store switch's flips with the listens of a
+	// start (handoff_switch.go), so a start never re-pins ports after a
+	// flip to off. Never take the agent's switch lock under it.
+	hmu     sync.Mutex
+	holding bool // the switch as this sidecar last heard it
+	unheld  bool // released by the switch, not yet held again by a start
 
 	// onReady is called with the process (the current one or the upgrade's
 	// new one) that READY=1 came from, on the notify goroutine.
@@ -70,27 +86,32 @@ const notifyWait = 5 * time.Second
 // openPodHandoff opens the stores of every sidecar with a handoff section.
 // A listener that cannot be opened is logged and left out: the sidecar then
 // binds it itself, as it would without meshagent.
-func openPodHandoff(ctx context.Context, spec *PodSpec, dir string, log *slog.Logger, onReady func(container string, pid int)) *podHandoff {
+func openPodHandoff(ctx context.Context, spec *PodSpec, dir string, log *slog.Logger, onReady func(container string, pid int), hooks hxHooks) *podHandoff {
 	ctx, cancel := context.WithCancel(ctx)
 	ph := &podHandoff{pod: spec.Name, log: log, sidecars: map[string]*sidecarHandoff{}, ctx: ctx, cancel: cancel,
-		busy: map[string]bool{}, watches: map[string]*upgradeWatch{}}
+		busy: map[string]*upgradeRun{}, watches: map[string]*upgradeWatch{}}
+	holding := hooks.holding == nil || hooks.holding()
 	for i := range spec.Containers {
 		c := &spec.Containers[i]
 		if c.Handoff == nil || c.Role != RoleSidecar {
 			continue
 		}
-		h := &sidecarHandoff{name: c.Name, spec: *c.Handoff, log: log.With("container", c.Name)}
+		h := &sidecarHandoff{name: c.Name, spec: *c.Handoff, log: log.With("container", c.Name), holding: true}
 		h.onReady = func(pid int) { onReady(c.Name, pid) }
+		var onChange func(int)
+		if hooks.held != nil {
+			onChange = func(n int) { hooks.held(c.Name, n) }
+		}
 		h.store = handoff.New(spec.Name+"/"+c.Name, handoff.Options{
 			Authorize: h.authorize,
 			OnNotify:  h.onNotify,
 			Logger:    h.log,
+			OnChange:  onChange,
 		})
-		for _, l := range c.Handoff.Listeners {
-			if err := h.store.Listen(ctx, l.Name, l.Address); err != nil {
-				h.log.Error("cannot hold listener; the sidecar must bind it itself", "listener", l.Name, "address", l.Address, "err", err)
-			}
+		if !holding {
+			h.setHolding(false) // nothing held yet; refuses FDSTORE until on
 		}
+		h.listen(ctx)
 		if c.Handoff.FDStore {
 			n, err := h.store.ListenNotify(filepath.Join(dir, c.Name+".notify"))
 			if err != nil {
@@ -290,6 +311,7 @@ func (ph *podHandoff) beforeStart(ctx context.Context, container string) (contex
 	if h == nil {
 		return ctx, func(Process) {}
 	}
+	h.resume(ph.ctx)
 	end := h.beginStart(false)
 	var procCh chan Process
 	if h.spec.MOSN != nil && h.store.Len() > 0 {
@@ -370,7 +392,7 @@ func (ph *podHandoff) handOverMOSN(ctx context.Context, h *sidecarHandoff, procC
 // into its store (handoff.snapshot), once: later restarts get them.
 func (ph *podHandoff) snapshot(container string, pid int) {
 	h := ph.get(container)
-	if h == nil || !h.spec.Snapshot || h.store.Len() > 0 {
+	if h == nil || !h.spec.Snapshot || h.store.Len() > 0 || !h.isHolding() {
 		return
 	}
 	ph.wg.Add(1)
@@ -381,6 +403,7 @@ func (ph *podHandoff) snapshot(container string, pid int) {
 			h.log.Warn("cannot copy the sidecar's listeners; a restart will not keep them", "pid", pid, "err", err)
 			return
 		}
+		h.heldAgain()
 		h.log.Info("holding the sidecar's listeners", "pid", pid, "names", names)
 	}()
 }

@@ -21,8 +21,8 @@ import (
 
 // Inspections are the checks an SRE would otherwise script by hand against
 // a node. Each is a Check; the agent runs the built-in ones (version,
-// crash-loop, log-volume) and any added with WithCheck (settings drift and
-// fd-store health belong to the features that own those settings and fds).
+// crash-loop, log-volume, fd-store, upgrade: inspect_handoff.go) and any
+// added with WithCheck (settings drift belongs to the cgroup feature).
 // `meshagent ctl inspect` exits non-zero when any check finds a problem.
 
 // Finding is one problem a check found.
@@ -98,26 +98,46 @@ func (a *Agent) logDir(cfg *Config) string {
 	return filepath.Join(cfg.Node.StateDir, "logs")
 }
 
-func builtinChecks() []Check {
-	return []Check{versionCheck{}, crashLoopCheck{}, logVolumeCheck{}}
+func builtinChecks(a *Agent) []Check {
+	return []Check{versionCheck{a: a}, crashLoopCheck{}, logVolumeCheck{}, fdStoreCheck{a: a}, upgradeCheck{a: a}}
 }
 
 // versionCheck compares each container's declared version with the one it
-// reports: the first line of versionCommand's output (run with
-// MESHAGENT_PID set to the container's pid) or of versionURL's body.
+// reports. Host pods: `version` in the config against the first line of
+// versionCommand's output (run with MESHAGENT_PID set to the container's
+// pid) or of versionURL's body. Kubernetes pods: the pod's
+// meshagent.io/version.<container> annotation against what
+// meshagent.io/version-check.<container> reads (kube_version.go).
 // Containers that declare no version, or no way to read it, or that are
 // not running, are skipped.
-type versionCheck struct{}
+type versionCheck struct{ a *Agent }
 
 func (versionCheck) Name() string { return "version" }
 
-func (versionCheck) Check(ctx context.Context, n *NodeView) ([]Finding, error) {
+func (vc versionCheck) Check(ctx context.Context, n *NodeView) ([]Finding, error) {
 	var (
 		mu  sync.Mutex
 		out []Finding
 		wg  sync.WaitGroup
 		sem = make(chan struct{}, 8)
 	)
+	verify := func(pod, container, want string, read func() (string, error)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			got, err := read()
+			if err != nil {
+				got = "unreadable: " + err.Error()
+			} else if got == want {
+				return
+			}
+			mu.Lock()
+			out = append(out, Finding{Pod: pod, Container: container, Expected: want, Found: got})
+			mu.Unlock()
+		}()
+	}
 	for _, p := range n.Pods {
 		spec := n.Spec(p.Name)
 		if spec == nil {
@@ -128,21 +148,12 @@ func (versionCheck) Check(ctx context.Context, n *NodeView) ([]Finding, error) {
 			if c == nil || c.Version == "" || st.PID == 0 || (c.VersionURL == "" && len(c.VersionCommand) == 0) {
 				continue
 			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				sem <- struct{}{}
-				defer func() { <-sem }()
-				got, err := runningVersion(ctx, spec, c, st.PID)
-				if err != nil {
-					got = "unreadable: " + err.Error()
-				} else if got == c.Version {
-					return
-				}
-				mu.Lock()
-				out = append(out, Finding{Pod: p.Name, Container: c.Name, Expected: c.Version, Found: got})
-				mu.Unlock()
-			}()
+			verify(p.Name, c.Name, c.Version, func() (string, error) { return runningVersion(ctx, spec, c, st.PID) })
+		}
+	}
+	if vc.a != nil {
+		for _, t := range vc.a.kubeVersionTargets() {
+			verify(t.pod, t.container, t.declared, func() (string, error) { return readKubeVersion(ctx, t) })
 		}
 	}
 	wg.Wait()

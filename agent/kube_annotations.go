@@ -29,6 +29,15 @@ const (
 	AnnoRestartGrace     = "meshagent.io/restart-grace"
 	AnnoHoldTimeout      = "meshagent.io/hold-timeout"
 	AnnoJob              = "meshagent.io/job"
+	// AnnoVersionPrefix declares a container's version for the version
+	// inspection: meshagent.io/version.<container>: 1.27.0.
+	AnnoVersionPrefix = "meshagent.io/version."
+	// AnnoVersionCheckPrefix says how to read the version the container
+	// runs: meshagent.io/version-check.<container>: http:15000/version
+	// (the first line of the body, fetched in the pod's network namespace)
+	// or exec:COMMAND ARGS (the first line of its output, run in the
+	// container's namespaces).
+	AnnoVersionCheckPrefix = "meshagent.io/version-check."
 )
 
 // Job modes of AnnoJob.
@@ -51,6 +60,10 @@ type kubePodPolicy struct {
 	RestartGrace     time.Duration
 	HoldTimeout      time.Duration
 	Job              string
+	// Version and VersionCheck are the containers' declared versions and
+	// how to read the running ones (nil when the pod declares none).
+	Version      map[string]string
+	VersionCheck map[string]kubeProbeSpec
 }
 
 func defaultKubePodPolicy() kubePodPolicy {
@@ -135,6 +148,32 @@ func parseKubePodPolicy(ann map[string]string) (kubePodPolicy, error) {
 	}
 	sort.Strings(keys) // errors in a stable order
 	for _, k := range keys {
+		if name, ok := strings.CutPrefix(k, AnnoVersionPrefix); ok {
+			if v := strings.TrimSpace(ann[k]); v == "" {
+				bad(k, "want a version")
+			} else {
+				if p.Version == nil {
+					p.Version = map[string]string{}
+				}
+				p.Version[name] = v
+			}
+			continue
+		}
+		if name, ok := strings.CutPrefix(k, AnnoVersionCheckPrefix); ok {
+			spec, err := parseKubeProbe(ann[k])
+			if err == nil && spec.Kind != "http" && spec.Kind != "exec" {
+				err = fmt.Errorf("want http:PORT/PATH or exec:COMMAND (a %s check reads no version)", spec.Kind)
+			}
+			if err != nil {
+				bad(k, "%v", err)
+				continue
+			}
+			if p.VersionCheck == nil {
+				p.VersionCheck = map[string]kubeProbeSpec{}
+			}
+			p.VersionCheck[name] = spec
+			continue
+		}
 		name, ok := strings.CutPrefix(k, AnnoReadinessPrefix)
 		if !ok {
 			continue

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshagent/meshagent/handoff"
 )
 
 // The test binary doubles as the processes the tests supervise: the exec
@@ -75,11 +77,37 @@ func testSidecar() {
 			fmt.Fprintln(w, "ok", os.Getpid())
 		}))
 	}
+	if addr := os.Getenv("STORE_EXTRA"); addr != "" {
+		storeAndDrop(addr)
+	}
 	<-term
 	stamp("term")
 	time.Sleep(envDuration("DRAIN"))
 	stamp("exit")
 	os.Exit(0)
+}
+
+// storeAndDrop binds addr, hands the listener to the fd store as "extra"
+// (FDSTORE=1) and closes its own copy: a sidecar that stopped serving a
+// listener the store still pins.
+func storeAndDrop(addr string) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(4)
+	}
+	f, err := ln.(*net.TCPListener).File()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(4)
+	}
+	if err := handoff.SdNotify("FDSTORE=1\nFDNAME=extra", f); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(4)
+	}
+	f.Close()
+	ln.Close()
+	stamp("stored")
 }
 
 func testApp() {

@@ -99,7 +99,7 @@ func (a *Agent) initOps() error {
 	for _, s := range a.Switches() {
 		a.metrics.Switch(s.Name, s.On)
 	}
-	a.checks = append(builtinChecks(), a.checks...)
+	a.checks = append(builtinChecks(a), a.checks...)
 	return nil
 }
 

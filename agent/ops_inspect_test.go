@@ -26,7 +26,7 @@ func TestInspectCleanNodeHasNoFindings(t *testing.T) {
 
 	rep, err := NewClient(ra.socket).Inspect(context.Background())
 	require.NoError(t, err)
-	assert.Equal(t, []string{"version", "crash-loop", "log-volume"}, rep.Checks)
+	assert.Equal(t, []string{"version", "crash-loop", "log-volume", "fd-store", "upgrade"}, rep.Checks)
 	assert.Empty(t, rep.Findings)
 }
 
@@ -87,7 +87,7 @@ type stubCheck struct {
 	err      error
 }
 
-func (stubCheck) Name() string { return "fd-store" }
+func (stubCheck) Name() string { return "stub" }
 func (c stubCheck) Check(context.Context, *NodeView) ([]Finding, error) {
 	return c.findings, c.err
 }
@@ -99,9 +99,9 @@ func TestInspectRunsAddedChecks(t *testing.T) {
 		WithCheck(stubCheck{findings: []Finding{{Pod: "web", Container: "proxy", Expected: "listening", Found: "closed"}}}),
 		WithCheck(stubCheck{err: errors.New("store unreachable")}))
 	rep := ra.Inspect(context.Background())
-	assert.Equal(t, []string{"version", "crash-loop", "log-volume", "fd-store", "fd-store"}, rep.Checks)
+	assert.Equal(t, []string{"version", "crash-loop", "log-volume", "fd-store", "upgrade", "stub", "stub"}, rep.Checks)
 	assert.Equal(t, []Finding{
-		{Check: "fd-store", Pod: "web", Container: "proxy", Expected: "listening", Found: "closed"},
-		{Check: "fd-store", Expected: "the check runs", Found: "check failed: store unreachable"},
+		{Check: "stub", Pod: "web", Container: "proxy", Expected: "listening", Found: "closed"},
+		{Check: "stub", Expected: "the check runs", Found: "check failed: store unreachable"},
 	}, rep.Findings)
 }

@@ -44,7 +44,7 @@ type timerKey struct {
 	container string
 }
 
-func newPodRunner(spec *PodSpec, rt Runtime, state stateDir, log *slog.Logger, sink func(Event)) *podRunner {
+func newPodRunner(spec *PodSpec, rt Runtime, state stateDir, log *slog.Logger, sink func(Event), hooks hxHooks) *podRunner {
 	r := &podRunner{
 		spec: spec, rt: rt, state: state, sink: sink,
 		log:   log.With("pod", spec.Name),
@@ -53,7 +53,7 @@ func newPodRunner(spec *PodSpec, rt Runtime, state stateDir, log *slog.Logger, s
 		procs: map[string]Process{}, probes: map[string]context.CancelFunc{},
 		timers: map[timerKey]*time.Timer{}, phaseCh: make(chan struct{}),
 	}
-	r.hx = openPodHandoff(context.Background(), spec, podHandoffDir(state, spec.Name), r.log, r.notifyReady)
+	r.hx = openPodHandoff(context.Background(), spec, podHandoffDir(state, spec.Name), r.log, r.notifyReady, hooks)
 	return r
 }
 

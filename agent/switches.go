@@ -19,9 +19,10 @@ import (
 // watchdog abort) cannot silently turn a brake back off.
 //
 // The machine obeys auto-restart and startup-gate (InSwitches, posted to
-// every pod on a flip). The others are consulted by the features they
-// govern through Agent.Switch at the moment they act, which is how a flip
-// is honoured at once.
+// every pod on a flip). handoff-store is pushed to every pod's stores on a
+// flip, which release their fds at once (handoff_switch.go). The others are
+// consulted by the features they govern through Agent.Switch at the moment
+// they act, which is how a flip is honoured at once.
 
 // Switch names.
 const (
@@ -150,8 +151,13 @@ func (b *switchBoard) save(rec map[string]switchRecord) error {
 // machineInput is what the pod machines need of the switches; call with
 // b.mu held.
 func (b *switchBoard) machineInput() InSwitches {
-	on := func(n string) bool { r, ok := b.rec[n]; return !ok || r.On }
-	return InSwitches{AutoRestart: on(SwitchAutoRestart), StartupGate: on(SwitchStartupGate)}
+	return InSwitches{AutoRestart: b.onLocked(SwitchAutoRestart), StartupGate: b.onLocked(SwitchStartupGate)}
+}
+
+// onLocked is on with b.mu held.
+func (b *switchBoard) onLocked(name string) bool {
+	r, ok := b.rec[name]
+	return !ok || r.On
 }
 
 // Switch reports whether the named switch is on. Unknown names are on: a
@@ -205,6 +211,12 @@ func (a *Agent) SetSwitch(ctx context.Context, name string, on bool, uid uint32)
 			a.log.Error("switch not delivered to pod", "pod", r.spec.Name, "switch", name, "err", err)
 		}
 		cancel()
+	}
+	if name == SwitchHandoffStore {
+		// Released (or accepted again) before SetSwitch returns.
+		for _, r := range a.runners() {
+			r.hx.setHolding(on)
+		}
 	}
 	a.sw.mu.Unlock()
 

@@ -101,6 +101,9 @@ func (a *Agent) Upgrade(ctx context.Context, pod, container string, req UpgradeR
 	if !a.Switch(SwitchHotUpgrade) {
 		return UpgradeResult{}, fmt.Errorf("pod %s container %s: %w: the %s switch is off", pod, container, ErrUpgradeState, SwitchHotUpgrade)
 	}
+	if why := r.hx.upgradeRefusal(container); why != "" {
+		return UpgradeResult{}, fmt.Errorf("pod %s container %s: %w: %s", pod, container, ErrUpgradeState, why)
+	}
 	// The upgrade lives as long as the pod, not the request: a caller
 	// that goes away does not leave a half-done upgrade behind.
 	return r.upgrade(a.podsCtx, container, req)
@@ -136,20 +139,14 @@ func (r *podRunner) event(ctx context.Context, e Event) {
 	})
 }
 
-func (ph *podHandoff) lockUpgrade(container string) bool {
+func (ph *podHandoff) lockUpgrade(container string, bound time.Duration) bool {
 	ph.mu.Lock()
 	defer ph.mu.Unlock()
-	if ph.busy[container] {
+	if ph.busy[container] != nil {
 		return false
 	}
-	ph.busy[container] = true
+	ph.busy[container] = &upgradeRun{began: time.Now(), bound: bound, stage: stageChecking}
 	return true
-}
-
-func (ph *podHandoff) unlockUpgrade(container string) {
-	ph.mu.Lock()
-	delete(ph.busy, container)
-	ph.mu.Unlock()
 }
 
 func (r *podRunner) upgrade(ctx context.Context, name string, req UpgradeRequest) (UpgradeResult, error) {
@@ -163,7 +160,7 @@ func (r *podRunner) upgrade(ctx context.Context, name string, req UpgradeRequest
 	case strings.TrimSpace(req.Command) == "":
 		return UpgradeResult{}, fmt.Errorf("%s: %w: command: required", where, ErrUpgradeInvalid)
 	}
-	if !r.hx.lockUpgrade(name) {
+	if !r.hx.lockUpgrade(name, upgradeBound(c)) {
 		return UpgradeResult{}, fmt.Errorf("%s: %w; wait for its outcome", where, ErrUpgradeBusy)
 	}
 	defer r.hx.unlockUpgrade(name)
@@ -209,6 +206,7 @@ func (r *podRunner) upgrade(ctx context.Context, name string, req UpgradeRequest
 	}
 
 	// 1. The new process, beside the old one, on the held sockets.
+	r.hx.upgradeStage(name, stageStarting, 0)
 	h := r.hx.get(name)
 	sctx, end := ctx, func(int) {}
 	var notified <-chan struct{}
@@ -231,6 +229,7 @@ func (r *podRunner) upgrade(ctx context.Context, name string, req UpgradeRequest
 	end(p.PID())
 	res.NewPID = p.PID()
 	started := time.Now()
+	r.hx.upgradeStage(name, stageReady, p.PID())
 
 	// 2. Its readiness, within the fuse.
 	if reason := r.waitShadowReady(ctx, &newSpec, p, notified); reason != "" {
@@ -243,6 +242,7 @@ func (r *podRunner) upgrade(ctx context.Context, name string, req UpgradeRequest
 	res.ReadyAfter = time.Since(started)
 
 	// 3. The swap, on the runner goroutine.
+	r.hx.upgradeStage(name, stageSwap, p.PID())
 	w := &upgradeWatch{newPID: p.PID(), old: oldSpec, until: time.Now().Add(c.Upgrade.Watch.D()), rolled: make(chan string, 1)}
 	swapped := false
 	err = r.call(ctx, func() {
@@ -279,7 +279,9 @@ func (r *podRunner) upgrade(ctx context.Context, name string, req UpgradeRequest
 	}
 
 	// 4. The old process drains and goes; the watch window runs meanwhile.
+	r.hx.upgradeStage(name, stageDrain, p.PID())
 	stopProcess(ctx, old, c.Stop)
+	r.hx.upgradeStage(name, stageWatch, p.PID())
 	t := time.NewTimer(time.Until(w.until))
 	defer t.Stop()
 	select {

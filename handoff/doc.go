@@ -37,9 +37,10 @@
 //
 // An fd is owned by exactly one party, which closes it:
 //
-//   - The store owns what it holds; only Store.Remove (FDSTOREREMOVE) and
-//     Store.Close close those fds, and with the last holder gone the port
-//     is released. It keeps them as raw descriptors, outside Go's
+//   - The store owns what it holds; only Store.Remove (FDSTOREREMOVE),
+//     Store.Release (the agent's handoff-store switch: every fd, and none
+//     accepted until Store.Hold) and Store.Close close those fds, and with
+//     the last holder gone the port is released. It keeps them as raw descriptors, outside Go's
 //     netpoller, so that connections arriving for a sidecar never wake
 //     meshagent. Store.Add duplicates its argument: the caller still
 //     owns and closes what it passed.

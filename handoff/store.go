@@ -18,6 +18,9 @@ var (
 	ErrFull   = errors.New("fd store full")
 	ErrClosed = errors.New("fd store closed")
 	ErrBusy   = errors.New("a MOSN hand-over is already running for this store")
+	// ErrReleased: the store was told to stop holding fds (Release) and
+	// refuses new ones until Hold.
+	ErrReleased = errors.New("fd store released: not holding fds")
 )
 
 // Options configure a Store and the hand-off protocols. The zero value is
@@ -46,6 +49,10 @@ type Options struct {
 	// MaxFiles bounds the number of fds the store holds; at most MaxFiles
 	// (100, MOSN's per-hand-over limit), which is also the default.
 	MaxFiles int
+	// OnChange, when set, is called with the number of held fds after
+	// every change (Listen, Add, FDSTORE, Remove, Release, Close), outside
+	// the store's lock: the agent's held-fds gauge.
+	OnChange func(held int)
 }
 
 func (o Options) authorize(pid int32, uid uint32) error {
@@ -85,6 +92,7 @@ type Store struct {
 	mu          sync.Mutex
 	entries     []entry
 	closed      bool
+	released    bool // Release: refuse fds until Hold
 	handingOver bool // one HandOverMOSN at a time: both would bind reconfig.sock
 }
 
@@ -115,9 +123,13 @@ func (s *Store) Listen(ctx context.Context, name, spec string) error {
 		return fmt.Errorf("%s: listener %q: %w", s.name, name, err)
 	}
 	s.mu.Lock()
+	defer s.changed()
 	defer s.mu.Unlock()
 	if s.closed {
 		return fmt.Errorf("%s: %w", s.name, ErrClosed)
+	}
+	if s.released {
+		return fmt.Errorf("%s: listener %q: %w", s.name, name, ErrReleased)
 	}
 	for _, e := range s.entries {
 		if e.name == name {
@@ -151,6 +163,9 @@ func (s *Store) checkAddLocked(name string) error {
 	if s.closed {
 		return fmt.Errorf("%s: %w", s.name, ErrClosed)
 	}
+	if s.released {
+		return fmt.Errorf("%s: %q: %w", s.name, name, ErrReleased)
+	}
 	for _, e := range s.entries {
 		if e.name == name && e.spec != "" {
 			return fmt.Errorf("%s: %q: %w (agent-opened %s)", s.name, name, ErrExists, e.spec)
@@ -176,6 +191,7 @@ func (s *Store) Add(name string, f *os.File) (bool, error) {
 		return false, fmt.Errorf("%s: store fd %q: %w", s.name, name, err)
 	}
 	s.mu.Lock()
+	defer s.changed()
 	defer s.mu.Unlock()
 	for _, e := range s.entries {
 		if e.id == id {
@@ -204,6 +220,7 @@ func (s *Store) Add(name string, f *os.File) (bool, error) {
 // fds were removed.
 func (s *Store) Remove(name string) (int, error) {
 	s.mu.Lock()
+	defer s.changed()
 	defer s.mu.Unlock()
 	if s.closed {
 		return 0, fmt.Errorf("%s: %w", s.name, ErrClosed)
@@ -280,10 +297,12 @@ func (s *Store) Activation() (*Activation, error) {
 // them either. Further use returns ErrClosed.
 func (s *Store) Close() error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.closed {
+		s.mu.Unlock()
 		return nil
 	}
+	defer s.changed()
+	defer s.mu.Unlock()
 	s.closed = true
 	var errs []error
 	for _, e := range s.entries {
