@@ -61,10 +61,17 @@
 // counted in Result.Drift and logged (slog, Warn) with pod, container, knob,
 // old and new value. A pass over a correct tree writes nothing. Plan is the
 // dry run for `meshagent ctl plan`: every setting next to its current value.
-// To stay within a few milliseconds per 500 pods, the Manager keeps the knob
-// files it reads open and re-reads them with pread (about ten fds and a
-// kernel page each per pod); a pass closes those it no longer reads, Remove
-// closes a removed group's, Close closes all.
+// A pass over 500 pods is thousands of reads of cold kernel objects, so the
+// Manager keeps the knob files it reads open and re-reads them with pread
+// (about ten fds and a kernel page each per pod), and the sidecars'
+// /proc/PID/oom_score_adj too (a kept fd reads ESRCH once its process is
+// gone, never a reused pid's value). v1 cgroup.procs is the exception: a
+// kept fd serves a pid list up to a second old, so it is opened afresh
+// each time, through a kept fd of its directory. A pass closes the files it
+// no longer reads, Remove closes a removed group's, Close closes all. A
+// pass also spreads its pods over a worker per CPU (at most 4), and reuses
+// a pod's translated settings while its target and observed values are
+// unchanged; every value is still read on every pass.
 //
 // # OOM events
 //

@@ -3,6 +3,7 @@ package cgroup
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"strconv"
 	"strings"
@@ -14,54 +15,141 @@ import (
 // knobFiles keeps the cgroup files that reconcile reads open between
 // passes and re-reads them with pread at offset 0, which makes cgroupfs
 // render the current value again. open+read+close of a cgroup file costs
-// about 3µs (the path walk and kernfs open dominate), a pread about 0.35µs:
-// this is what keeps a pass over 500 pods well inside its 20 ms budget.
+// about 3µs (the path walk and kernfs open dominate), a pread about 0.35µs
+// when hot and 2-3µs cold (a pass over 500 pods touches thousands of kernel
+// objects): this is what keeps a pass over 500 pods inside its 20 ms budget.
 // The price is about ten fds per pod; files not read during a Reconcile
 // pass are closed at its end, Remove closes the files of removed groups,
 // and when the process runs out of fds reads fall back to open/read/close.
+//
+// Reads of different files run in parallel (Reconcile spreads pods over
+// workers): mu only guards the map; each entry has its own lock, held
+// across every syscall on its fd and by whoever closes it, so a read can
+// never reach an fd number that was closed and reused for another file.
 type knobFiles struct {
-	mu   sync.Mutex
+	mu   sync.Mutex // guards gen, open and the entries' gen
 	gen  uint64
 	open map[string]*knobFD
 }
 
 type knobFD struct {
-	fd  int
-	gen uint64
+	gen uint64 // the last pass that read it; under knobFiles.mu
+
+	mu sync.Mutex
+	fd int // -1: not open (yet, or after an error)
+	// gone: closed and dropped from the map; a reader holding it looks
+	// the path up again rather than reopen an fd nobody would close.
+	gone bool
 }
 
-// read returns the content of path, growing buf as needed.
-func (k *knobFiles) read(path string, buf []byte) ([]byte, error) {
+// entry returns the entry of path, new and unopened if there is none.
+func (k *knobFiles) entry(path string) *knobFD {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if k.open == nil {
 		k.open = map[string]*knobFD{}
 	}
+	e := k.open[path]
+	if e == nil {
+		e = &knobFD{fd: -1}
+		k.open[path] = e
+	}
+	e.gen = k.gen
+	return e
+}
+
+// lock returns the entry of path locked, and not gone.
+func (k *knobFiles) lock(path string) *knobFD {
+	for {
+		e := k.entry(path)
+		e.mu.Lock()
+		if !e.gone {
+			return e
+		}
+		e.mu.Unlock()
+	}
+}
+
+// drop closes e, which the caller has removed from the map (under k.mu).
+func (e *knobFD) drop() {
+	e.mu.Lock()
+	if e.fd >= 0 {
+		unix.Close(e.fd)
+	}
+	e.fd, e.gone = -1, true
+	e.mu.Unlock()
+}
+
+func (e *knobFD) closeFD() {
+	if e.fd >= 0 {
+		unix.Close(e.fd)
+		e.fd = -1
+	}
+}
+
+// read returns the content of path, growing buf as needed.
+func (k *knobFiles) read(path string, buf []byte) ([]byte, error) {
+	e := k.lock(path)
+	defer e.mu.Unlock()
 	for attempt := 0; ; attempt++ {
-		e := k.open[path]
-		if e == nil {
+		if e.fd < 0 {
 			fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 			if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
-				b, err := os.ReadFile(path)
-				return b, err
+				return os.ReadFile(path)
 			}
 			if err != nil {
 				return nil, &os.PathError{Op: "open", Path: path, Err: err}
 			}
-			e = &knobFD{fd: fd}
-			k.open[path] = e
+			e.fd = fd
 		}
-		e.gen = k.gen
 		b, err := preadAll(e.fd, buf)
 		if err == nil {
 			return b, nil
 		}
 		// ENODEV: the group was removed (and maybe re-created) since the
-		// file was opened. Reopen once.
-		unix.Close(e.fd)
-		delete(k.open, path)
-		if attempt > 0 || !errors.Is(err, unix.ENODEV) {
+		// file was opened. ESRCH: the process of a /proc/PID file exited;
+		// its pid may belong to a new process now. Reopen once by path.
+		e.closeFD()
+		if attempt > 0 || !errors.Is(err, unix.ENODEV) && !errors.Is(err, unix.ESRCH) {
 			return nil, &os.PathError{Op: "read", Path: path, Err: err}
+		}
+	}
+}
+
+// readFresh reads path through a newly opened file, for files whose kept-open
+// fd would serve stale content (v1 cgroup.procs). The directory stays open
+// instead, so the open is a one-name lookup rather than a walk from the root.
+func (k *knobFiles) readFresh(path string, buf []byte) ([]byte, error) {
+	i := strings.LastIndexByte(path, '/')
+	dir, name := path[:i], path[i+1:]
+	e := k.lock(dir)
+	defer e.mu.Unlock()
+	for attempt := 0; ; attempt++ {
+		fresh := e.fd < 0
+		if fresh {
+			dfd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+			if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
+				return os.ReadFile(path)
+			}
+			if err != nil {
+				return nil, &os.PathError{Op: "open", Path: path, Err: err}
+			}
+			e.fd = dfd
+		}
+		fd, err := unix.Openat(e.fd, name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err == nil {
+			b, err := preadAll(fd, buf)
+			unix.Close(fd)
+			if err != nil {
+				return nil, &os.PathError{Op: "read", Path: path, Err: err}
+			}
+			return b, nil
+		}
+		// The kept directory may be a group removed since (and maybe
+		// re-created under the same name): look it up again once.
+		e.closeFD()
+		if fresh || attempt > 0 {
+			return nil, &os.PathError{Op: "open", Path: path, Err: err}
 		}
 	}
 }
@@ -100,8 +188,8 @@ func (k *knobFiles) endPass() {
 	defer k.mu.Unlock()
 	for p, e := range k.open {
 		if e.gen != k.gen {
-			unix.Close(e.fd)
 			delete(k.open, p)
+			e.drop()
 		}
 	}
 }
@@ -112,9 +200,9 @@ func (k *knobFiles) forget(dir string) {
 	defer k.mu.Unlock()
 	prefix := dir + "/"
 	for p, e := range k.open {
-		if strings.HasPrefix(p, prefix) {
-			unix.Close(e.fd)
+		if strings.HasPrefix(p, prefix) || p == dir {
 			delete(k.open, p)
+			e.drop()
 		}
 	}
 }
@@ -123,9 +211,12 @@ func (k *knobFiles) closeAll() {
 	k.forget("")
 }
 
-// readKnob reads one value; files under the root go through the cache.
+// readKnob reads one value through the cache: a knob file under the root, or
+// a /proc/PID file. A kept /proc/PID fd is bound to its process, not to the
+// number: once that process is gone it reads ESRCH, and read reopens the path,
+// so a reused pid is never read through its predecessor's fd.
 func (m *Manager) readKnob(path string) (string, error) {
-	if !strings.HasPrefix(path, m.root+"/") {
+	if !strings.HasPrefix(path, m.root+"/") && !strings.HasPrefix(path, "/proc/") {
 		return readSmall(path)
 	}
 	var buf [256]byte
@@ -134,6 +225,19 @@ func (m *Manager) readKnob(path string) (string, error) {
 		return "", err
 	}
 	return string(bytes.TrimSpace(b)), nil
+}
+
+// readOOMScoreAdj is ReadOOMScoreAdj through the kept fds.
+func (m *Manager) readOOMScoreAdj(pid int) (int, error) {
+	s, err := m.readKnob(oomPath(pid))
+	if err != nil {
+		return 0, fmt.Errorf("read oom_score_adj of pid %d: %w", pid, err)
+	}
+	v, err := strconv.Atoi(s)
+	if err != nil {
+		return 0, fmt.Errorf("read oom_score_adj of pid %d: bad value %q", pid, s)
+	}
+	return v, nil
 }
 
 // readProcs lists the pids of a cgroup.procs file; missing means empty.
@@ -146,7 +250,7 @@ func (m *Manager) readProcs(path string) ([]int, error) {
 	var b []byte
 	var err error
 	if m.mode.v1() {
-		b, err = os.ReadFile(path)
+		b, err = m.files.readFresh(path, buf[:])
 	} else {
 		b, err = m.files.read(path, buf[:])
 	}

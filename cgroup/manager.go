@@ -45,6 +45,8 @@ type Manager struct {
 	// applied remembers, per pod, the value of every file as meshagent last
 	// wrote or verified it; a later difference is drift (someone else wrote).
 	applied map[string]map[string]string
+	// memo is the last translation of each pod (see podMemo).
+	memo map[string]*podMemo
 
 	files knobFiles
 
@@ -73,7 +75,8 @@ func Open(opts Options) (*Manager, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Manager{root: root, mode: mode, log: log, applied: map[string]map[string]string{}}, nil
+	return &Manager{root: root, mode: mode, log: log, applied: map[string]map[string]string{},
+		memo: map[string]*podMemo{}}, nil
 }
 
 // Mode is the layout in use.

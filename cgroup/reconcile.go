@@ -6,8 +6,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -75,28 +79,84 @@ type PodPlan struct {
 // CFS period, the sidecar's processes and the app's oom_score_adj. It reads,
 // never writes.
 func (m *Manager) Desired(t Target) ([]Setting, error) {
-	obs, err := m.observe(t)
+	s, err := m.desired(t)
+	return slices.Clone(s), err
+}
+
+// podMemo is the last translation of one pod. translate is pure: while the
+// target and what observe reads are unchanged, so are the settings, and a
+// pass skips building them and their file names again (a third of a pass's
+// CPU outside the kernel). It only ever saves computing; every value is
+// still read from the kernel on every pass. A memo is never modified once
+// stored, so concurrent Apply calls may share it.
+type podMemo struct {
+	t        Target
+	obs      Observed
+	paths    observePaths
+	settings []Setting
+}
+
+// observePaths are the files observe reads for a target.
+type observePaths struct {
+	period   string
+	sideProc string
+	appProcs []string
+}
+
+// desired is Desired without the copy; the result must not be modified.
+func (m *Manager) desired(t Target) ([]Setting, error) {
+	m.mu.Lock()
+	memo := m.memo[t.Pod]
+	m.mu.Unlock()
+	if memo != nil && !sameTarget(memo.t, t) {
+		memo = nil
+	}
+	var paths observePaths
+	if memo != nil {
+		paths = memo.paths
+	} else {
+		var err error
+		if paths, err = m.observePaths(t); err != nil {
+			return nil, &PodError{Pod: t.Pod, Err: err}
+		}
+	}
+	obs, err := m.observe(t, paths)
 	if err != nil {
 		return nil, &PodError{Pod: t.Pod, Err: err}
+	}
+	if memo != nil && sameObserved(memo.obs, obs) {
+		return memo.settings, nil
 	}
 	s, err := translate(m.root, m.mode, t, obs)
 	if err != nil {
 		return nil, &PodError{Pod: t.Pod, Err: err}
 	}
+	memo = &podMemo{t: cloneTarget(t), obs: obs, paths: paths, settings: s}
+	m.mu.Lock()
+	m.memo[t.Pod] = memo
+	m.mu.Unlock()
 	return s, nil
 }
 
-func (m *Manager) observe(t Target) (Observed, error) {
-	var obs Observed
-	l := layout{root: m.root, mode: m.mode}
+func (m *Manager) observePaths(t Target) (observePaths, error) {
+	var p observePaths
 	if _, err := t.PodGroup.clean(); err != nil {
-		return obs, err
+		return p, err
 	}
 	if _, err := t.Sidecar.Group.clean(); err != nil {
-		return obs, fmt.Errorf("container %s: %w", t.Sidecar.Name, err)
+		return p, fmt.Errorf("container %s: %w", t.Sidecar.Name, err)
 	}
-	pf := l.file(KnobCPUPeriod, t.PodGroup)
-	s, err := m.readKnob(pf)
+	p.period = layout{root: m.root, mode: m.mode}.file(KnobCPUPeriod, t.PodGroup)
+	p.sideProc = filepath.Join(m.dir("memory", t.Sidecar.Group), "cgroup.procs")
+	for _, a := range t.Apps {
+		p.appProcs = append(p.appProcs, filepath.Join(m.dir("memory", a.Group), "cgroup.procs"))
+	}
+	return p, nil
+}
+
+func (m *Manager) observe(t Target, files observePaths) (Observed, error) {
+	var obs Observed
+	s, err := m.readKnob(files.period)
 	if err != nil {
 		return obs, fmt.Errorf("read cpu period: %w", err)
 	}
@@ -105,22 +165,27 @@ func (m *Manager) observe(t Target) (Observed, error) {
 		ps := f[len(f)-1]
 		p, err := strconv.ParseUint(ps, 10, 64)
 		if err != nil || p == 0 {
-			return obs, fmt.Errorf("read cpu period: bad value %q in %s", s, pf)
+			return obs, fmt.Errorf("read cpu period: bad value %q in %s", s, files.period)
 		}
 		obs.PodPeriod = p
 	}
-	obs.SidecarPIDs, err = m.readProcs(filepath.Join(m.dir("memory", t.Sidecar.Group), "cgroup.procs"))
+	obs.SidecarPIDs, err = m.readProcs(files.sideProc)
 	if err != nil {
 		return obs, fmt.Errorf("container %s: list processes: %w", t.Sidecar.Name, err)
 	}
+	if len(obs.SidecarPIDs) == 0 || t.Policy.OOMScoreAdj != nil {
+		// The apps' oom_score_adj only sets the sidecar processes' value:
+		// with none, or with a fixed value, there is nothing to list.
+		return obs, nil
+	}
 	first := true
-	for _, a := range t.Apps {
-		pids, err := m.readProcs(filepath.Join(m.dir("memory", a.Group), "cgroup.procs"))
+	for i, a := range t.Apps {
+		pids, err := m.readProcs(files.appProcs[i])
 		if err != nil {
 			return obs, fmt.Errorf("container %s: list processes: %w", a.Name, err)
 		}
 		for _, pid := range pids {
-			v, err := ReadOOMScoreAdj(pid)
+			v, err := m.readOOMScoreAdj(pid)
 			if err != nil {
 				continue // exited between the listing and the read
 			}
@@ -130,6 +195,29 @@ func (m *Manager) observe(t Target) (Observed, error) {
 		}
 	}
 	return obs, nil
+}
+
+func sameTarget(a, b Target) bool {
+	pa, pb := a.Policy, b.Policy
+	return a.Pod == b.Pod && a.PodGroup == b.PodGroup && a.Sidecar == b.Sidecar && slices.Equal(a.Apps, b.Apps) &&
+		a.PodCPULimit == b.PodCPULimit && a.PodMemoryLimit == b.PodMemoryLimit && a.OwnPod == b.OwnPod &&
+		pa.CPU == pb.CPU && pa.Mode == pb.Mode && pa.Burst == pb.Burst && pa.Shares == pb.Shares &&
+		pa.MemoryMax == pb.MemoryMax &&
+		(pa.OOMScoreAdj == nil) == (pb.OOMScoreAdj == nil) && (pa.OOMScoreAdj == nil || *pa.OOMScoreAdj == *pb.OOMScoreAdj)
+}
+
+func sameObserved(a, b Observed) bool {
+	return a.PodPeriod == b.PodPeriod && a.AppOOMScoreAdj == b.AppOOMScoreAdj && slices.Equal(a.SidecarPIDs, b.SidecarPIDs)
+}
+
+// cloneTarget copies what a caller could change behind the memo's back.
+func cloneTarget(t Target) Target {
+	t.Apps = slices.Clone(t.Apps)
+	if v := t.Policy.OOMScoreAdj; v != nil {
+		c := *v
+		t.Policy.OOMScoreAdj = &c
+	}
+	return t
 }
 
 // Plan is the dry run behind `meshagent ctl plan`: for every target, each
@@ -173,18 +261,44 @@ func errString(err error) string {
 // cannot be translated gets a *PodError in Result.Errors and no write; the
 // other pods go on. Pods missing from targets are forgotten.
 func (m *Manager) Reconcile(ctx context.Context, targets []Target) Result {
-	var res Result
 	m.files.startPass()
 	defer m.files.endPass()
-	seen := make(map[string]bool, len(targets))
-	for _, t := range targets {
-		if err := ctx.Err(); err != nil {
-			res.Errors = append(res.Errors, &PodError{Pod: t.Pod, Err: err})
-			continue
+	// Pods are independent, and a pass is nearly all small reads of cold
+	// kernel objects, each waiting on memory rather than on the CPU: a
+	// worker per CPU cuts the pass about in proportion. Results are kept
+	// per target and merged in order, so logs aside a pass reads the same
+	// whatever the interleaving.
+	rs := make([]Result, len(targets))
+	done := make([]bool, len(targets))
+	var next atomic.Int64
+	work := func() {
+		for {
+			i := int(next.Add(1) - 1)
+			if i >= len(targets) {
+				return
+			}
+			if err := ctx.Err(); err != nil {
+				rs[i].Errors = []error{&PodError{Pod: targets[i].Pod, Err: err}}
+				continue
+			}
+			rs[i], _ = m.Apply(ctx, targets[i])
+			done[i] = true
 		}
-		seen[t.Pod] = true
-		r, _ := m.Apply(ctx, t)
-		res.add(r)
+	}
+	var wg sync.WaitGroup
+	for range reconcileWorkers(len(targets)) - 1 {
+		wg.Go(work)
+	}
+	work()
+	wg.Wait()
+
+	var res Result
+	seen := make(map[string]bool, len(targets))
+	for i, t := range targets {
+		if done[i] {
+			seen[t.Pod] = true
+		}
+		res.add(rs[i])
 	}
 	m.mu.Lock()
 	for pod := range m.applied {
@@ -192,8 +306,23 @@ func (m *Manager) Reconcile(ctx context.Context, targets []Target) Result {
 			delete(m.applied, pod)
 		}
 	}
+	for pod := range m.memo {
+		if !seen[pod] {
+			delete(m.memo, pod)
+		}
+	}
 	m.mu.Unlock()
 	return res
+}
+
+// reconcileWorkers is how many goroutines a pass over n pods uses: one per
+// CPU, at most 4 (the agent has other work), and one for small passes,
+// where starting goroutines costs more than it saves.
+func reconcileWorkers(n int) int {
+	if n < 64 {
+		return 1
+	}
+	return max(1, min(runtime.GOMAXPROCS(0), 4))
 }
 
 // Apply reconciles one pod, e.g. when a container starts. The error, if
@@ -209,7 +338,7 @@ func (m *Manager) Apply(ctx context.Context, t Target) (Result, error) {
 		m.log.Error("cgroup policy not applied", "pod", t.Pod, "err", err)
 		return res, err
 	}
-	want, err := m.Desired(t)
+	want, err := m.desired(t)
 	if err != nil {
 		return fail(err)
 	}
