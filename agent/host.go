@@ -38,16 +38,22 @@ type HostRuntime struct {
 	Self string
 }
 
-// forkSlots bounds the process starts in flight. Each start blocks an OS
-// thread in fork and in the wait for exec, and the Go runtime never gives
-// a thread back: unbounded, starting 200 pods at once left the agent with
-// over a hundred idle threads and 3-4 MiB of their stacks for the rest of
-// its life. Starts serialize on the fork lock anyway, so a few in flight
-// lose nothing.
-var forkSlots = make(chan struct{}, 4)
+// startSlots bounds the process starts in flight. A start blocks OS threads
+// in file and cgroup writes, in fork and in the wait for exec, and the Go
+// runtime never gives a thread back: unbounded, starting 200 pods at once
+// left the agent with over a hundred idle threads and 3-4 MiB of their
+// stacks for the rest of its life. Starts serialize on the fork lock
+// anyway, so a few in flight lose nothing.
+var startSlots = make(chan struct{}, 4)
 
 // Start implements Runtime.
 func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec) (Process, error) {
+	select {
+	case startSlots <- struct{}{}:
+		defer func() { <-startSlots }()
+	case <-ctx.Done():
+		return nil, fmt.Errorf("pod %s container %s: start: %w", pod.Name, c.Name, ctx.Err())
+	}
 	var s StartSpec
 	defer func() {
 		for _, f := range s.After {
@@ -104,14 +110,7 @@ func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec)
 	cmd.Dir = c.Workdir
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	select {
-	case forkSlots <- struct{}{}:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("pod %s container %s: start %s: %w", pod.Name, c.Name, path, ctx.Err())
-	}
-	err = cmd.Start()
-	<-forkSlots
-	if err != nil {
+	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("pod %s container %s: start %s: %w", pod.Name, c.Name, path, err)
 	}
 	pid := cmd.Process.Pid

@@ -436,6 +436,10 @@ func TestAgentAdoptsAfterSIGKILL(t *testing.T) {
 		before = pids()
 		return len(before) == 2
 	})
+	// An app without a readiness check is ready at its exec; wait until
+	// it runs its main (and can take SIGTERM) before killing the agent,
+	// or the ordered stop below finds it still starting.
+	eventually(t, 10*time.Second, "app running its main", func() bool { return len(readStamps(h.appStamps)["start"]) == 1 })
 	require.NoError(t, first.Process.Kill())
 	_ = first.Wait()
 	for name, pid := range before {
