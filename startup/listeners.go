@@ -40,6 +40,9 @@ type Listeners struct {
 	table map[uint16][]listener // by local port
 	err   error
 	dumps int
+
+	smu    sync.Mutex
+	sweeps map[time.Duration]*sweep // by period; see sweep.go
 }
 
 // listener is one socket in LISTEN state.
@@ -62,10 +65,20 @@ func (l *Listeners) check(addr string) error {
 	if !ok {
 		return errNoVerdict
 	}
+	return l.checkTargets(addr, targets)
+}
+
+// checkTargets is check with addr already parsed into targets.
+func (l *Listeners) checkTargets(addr string, targets []netip.AddrPort) error {
 	table, err := l.snapshot()
 	if err != nil {
 		return errNoVerdict
 	}
+	return verdictIn(table, addr, targets)
+}
+
+// verdictIn answers for targets from one table.
+func verdictIn(table map[uint16][]listener, addr string, targets []netip.AddrPort) error {
 	for _, t := range targets {
 		for _, s := range table[t.Port()] {
 			if !s.accepts(t.Addr()) {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 )
 
@@ -278,4 +279,142 @@ func TestAlignedWatchesShareTables(t *testing.T) {
 	if os.Getenv("VERBOSE") != "" {
 		t.Logf("%d dumps for %d checks", l.Dumps(), checks.Load())
 	}
+}
+
+// TestSweepFollowsEveryProbe: once ready, aligned loopback probes are
+// checked by their sweep: a listener that goes away is reported failing with
+// a growing count while the others stay ready, it recovers when the
+// listener is back, and after the watches end nothing reports and no sweep
+// is left running.
+func TestSweepFollowsEveryProbe(t *testing.T) {
+	ignore := goleak.IgnoreCurrent()
+	l := &Listeners{MaxAge: time.Millisecond}
+	const n = 20
+	type probeState struct {
+		mu       sync.Mutex
+		oks      int
+		failures []int
+	}
+	states := make([]*probeState, n)
+	addrs := make([]string, n)
+	fds := make([]int, n)
+	for i := range n {
+		p, fd := rawListen(t, "tcp4", "127.0.0.1", 16, false)
+		addrs[i], fds[i], states[i] = "127.0.0.1:"+strconv.Itoa(p), fd, &probeState{}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	var after atomic.Bool // set once every Watch has returned
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			Watch(ctx, TCP{Addr: addrs[i], Listeners: l}, Schedule{Period: 100 * time.Millisecond, Fast: time.Millisecond, Align: true}, func(r Result) {
+				if after.Load() {
+					t.Errorf("probe %d reported after its watch returned", i)
+				}
+				st := states[i]
+				st.mu.Lock()
+				defer st.mu.Unlock()
+				if r.OK() {
+					st.oks++
+				} else {
+					st.failures = append(st.failures, r.Failures)
+				}
+			})
+		}()
+	}
+	oks := func(i int) int { states[i].mu.Lock(); defer states[i].mu.Unlock(); return states[i].oks }
+	fails := func(i int) []int {
+		states[i].mu.Lock()
+		defer states[i].mu.Unlock()
+		return append([]int(nil), states[i].failures...)
+	}
+	waitUntil(t, 5*time.Second, "every probe checked by the sweep", func() bool {
+		for i := range n {
+			if oks(i) < 3 {
+				return false
+			}
+		}
+		return true
+	})
+	l.smu.Lock()
+	sweeps := len(l.sweeps)
+	l.smu.Unlock()
+	assert.Equal(t, 1, sweeps, "one sweep for one period")
+
+	// Probe 0's listener goes away: its failures count up; probe 1 stays ready.
+	unix.Close(fds[0])
+	base1 := oks(1)
+	waitUntil(t, 5*time.Second, "probe 0 failing three times in a row", func() bool { return len(fails(0)) >= 3 })
+	assert.Equal(t, []int{1, 2, 3}, fails(0)[:3])
+	assert.Empty(t, fails(1))
+	assert.Greater(t, oks(1), base1)
+
+	// It is back on the same port: ready again.
+	port, _ := strconv.Atoi(addrs[0][len("127.0.0.1:"):])
+	back, err := net.Listen("tcp4", "127.0.0.1:"+strconv.Itoa(port))
+	require.NoError(t, err)
+	defer back.Close()
+	base0 := oks(0)
+	waitUntil(t, 5*time.Second, "probe 0 ready again", func() bool { return oks(0) > base0 })
+
+	cancel()
+	wg.Wait()
+	after.Store(true)
+	time.Sleep(250 * time.Millisecond) // two periods: a stray report would show
+	l.smu.Lock()
+	assert.Empty(t, l.sweeps, "the last watch out stops the sweep")
+	l.smu.Unlock()
+	goleak.VerifyNone(t, ignore)
+}
+
+func waitUntil(t *testing.T, d time.Duration, what string, f func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !f() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// BenchmarkSteadyProbes200: the CPU of 200 ready loopback TCP probes in
+// their steady state, per check, as the agent runs them.
+func BenchmarkSteadyProbes200(b *testing.B) {
+	const n = 200
+	period := 200 * time.Millisecond
+	for range b.N {
+		l := &Listeners{}
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		var checks atomic.Int64
+		for range n {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer ln.Close()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				Watch(ctx, TCP{Addr: ln.Addr().String(), Listeners: l}, Schedule{Period: period, Fast: time.Millisecond, Align: true}, func(Result) { checks.Add(1) })
+			}()
+		}
+		time.Sleep(2 * period)
+		c0, n0 := cpuTime(), checks.Load()
+		time.Sleep(10 * period)
+		c1, n1 := cpuTime(), checks.Load()
+		cancel()
+		wg.Wait()
+		b.ReportMetric(float64((c1-c0).Microseconds())/float64(n1-n0), "cpu-µs/check")
+		b.ReportMetric(float64(n1-n0), "checks")
+	}
+}
+
+func cpuTime() time.Duration {
+	var ru unix.Rusage
+	_ = unix.Getrusage(unix.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -16,8 +16,9 @@ type Schedule struct {
 	Fast time.Duration
 	// Align puts the checks after the first success on a grid of Period
 	// that every aligned watch shares, so the probes of hundreds of
-	// containers wake the agent once per period, together, and read one
-	// Listeners table, instead of each waking it on a tick of its own.
+	// containers wake the agent once per period, together, instead of each
+	// on a tick of its own. Loopback TCP probes with Listeners go further:
+	// one sweep per period checks them all from one table (sweep.go).
 	Align bool
 }
 
@@ -69,6 +70,15 @@ func Watch(ctx context.Context, p Probe, s Schedule, report func(Result)) {
 			failures++
 		}
 		report(Result{Err: err, Failures: failures, At: time.Now()})
+		if everReady && s.Align {
+			if tp, ok := p.(TCP); ok && tp.Listeners != nil {
+				if _, ok := loopbackTargets(tp.Addr); ok {
+					// From here on the node's sweep checks it.
+					tp.Listeners.follow(ctx, tp.Addr, s, failures, report)
+					return
+				}
+			}
+		}
 		next := s.Period
 		switch {
 		case !everReady:
