@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshagent/meshagent/internal/execshim"
 )
 
 // kubeletSetsPod plays kubelet: a pod quota of 500m and an app container
@@ -94,7 +96,7 @@ func TestDriftRestoredAndCounted(t *testing.T) {
 	m.log = slog.New(slog.NewTextHandler(&logs, nil))
 	pod, pg, gs := testPod(t, m, "sidecar", "app")
 	files, _ := m.ProcsFiles(gs["sidecar"])
-	side := startChild(t, Entry{ProcsFiles: files}, "hold:0")
+	side := startChild(t, execshim.Spec{CgroupProcs: files}, "hold:0")
 	side.waitLine(t, "ready", 20*time.Second)
 	tg := Target{Pod: pod, PodGroup: pg, Sidecar: Container{"sidecar", gs["sidecar"]},
 		Apps: []Container{{"app", gs["app"]}}, PodCPULimit: 1000, PodMemoryLimit: 256 << 20, OwnPod: true,
