@@ -39,12 +39,11 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
-	"os/signal"
 	"strconv"
 	"sync/atomic"
-	"syscall"
 	"time"
 
+	"github.com/meshagent/meshagent/internal/demo"
 	"github.com/meshagent/meshagent/internal/httpdrain"
 )
 
@@ -111,17 +110,12 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 func run(args []string, stderr io.Writer) int {
 	// Signals before any slow start-up work: a SIGTERM during start is a
 	// normal stop, not a kill.
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	ctx, stop, log := demo.Start("demo-sidecar", stderr)
 	defer stop()
-	log := slog.New(slog.NewTextHandler(stderr, nil)).With("app", "demo-sidecar", "pid", os.Getpid())
 
 	c, err := parseFlags(args, stderr)
 	if err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		log.Error("bad flags", "err", err)
-		return 2
+		return demo.FlagsExit(log, err)
 	}
 	log = log.With("name", c.name, "version", c.version)
 	s, err := newSidecar(c, log)
@@ -308,15 +302,11 @@ loop:
 	s.notifyState("STOPPING=1")
 	s.mark("stopping")
 	s.log.Info("draining", "deadline", s.c.drain.String())
-	dctx, cancel := context.WithTimeout(context.Background(), s.c.drain)
-	defer cancel()
 	if serving {
 		// Closing our copy of the socket leaves the queued connections to
 		// another holder (the next sidecar during a hot upgrade); see
 		// httpdrain for why every connection still open gets its answer.
-		if cut := proxySrv.Drain(dctx); cut > 0 {
-			s.log.Warn("drain deadline passed, cut the remaining connections", "connections", cut)
-		}
+		demo.Drain(s.log, proxySrv, s.c.drain)
 	} else {
 		s.ln.Close()
 	}
