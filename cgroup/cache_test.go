@@ -149,7 +149,7 @@ func TestParallelPassInTargetOrder(t *testing.T) {
 	}
 	var targets []Target
 	for i := range pods {
-		pod, pg, gs := testPod2(t, m, strconv.Itoa(i), "sidecar")
+		pod, pg, gs := testPodNamed(t, m, podName(t)+"-"+strconv.Itoa(i), "sidecar")
 		targets = append(targets, Target{Pod: pod, PodGroup: pg, Sidecar: Container{"sidecar", gs["sidecar"]},
 			PodCPULimit: 1000, Policy: Policy{CPU: CPUAmount{Millis: 100}}})
 	}

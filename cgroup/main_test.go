@@ -247,7 +247,13 @@ func podName(t testing.TB) string {
 // (and the meshagent parent, when empty) at cleanup.
 func testPod(t *testing.T, m *Manager, containers ...string) (string, Group, map[string]Group) {
 	t.Helper()
-	pod := podName(t)
+	return testPodNamed(t, m, podName(t), containers...)
+}
+
+// testPodNamed is testPod for a pod of the given name (podName(t) and a
+// suffix), for tests that need more than one pod.
+func testPodNamed(t *testing.T, m *Manager, pod string, containers ...string) (string, Group, map[string]Group) {
+	t.Helper()
 	pg, err := m.EnsurePod(pod)
 	if err != nil {
 		t.Fatal(err)

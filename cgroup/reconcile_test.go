@@ -146,7 +146,7 @@ func TestDriftRestoredAndCounted(t *testing.T) {
 func TestBadPolicyIsolatedToItsPod(t *testing.T) {
 	m := needRealV1(t)
 	bad, badG, badCs := testPod(t, m, "sidecar")
-	good, goodG, goodCs := testPod2(t, m, "good", "sidecar")
+	good, goodG, goodCs := testPodNamed(t, m, podName(t)+"-good", "sidecar")
 	badQuota := filepath.Join(m.dir("cpu", badCs["sidecar"]), "cpu.cfs_quota_us")
 	before := readFile(t, badQuota)
 	targets := []Target{
@@ -174,30 +174,6 @@ func TestBadPolicyIsolatedToItsPod(t *testing.T) {
 	if got := readFile(t, filepath.Join(m.dir("cpu", goodCs["sidecar"]), "cpu.cfs_quota_us")); got != "10000" {
 		t.Errorf("good pod's sidecar quota = %s, want 10000", got)
 	}
-}
-
-// testPod2 is testPod with a suffix, for tests that need two pods.
-func testPod2(t *testing.T, m *Manager, suffix string, containers ...string) (string, Group, map[string]Group) {
-	t.Helper()
-	pod := podName(t) + "-" + suffix
-	pg, err := m.EnsurePod(pod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := m.Remove(pg); err != nil {
-			t.Errorf("cleanup: %v", err)
-		}
-	})
-	gs := map[string]Group{}
-	for _, c := range containers {
-		g, err := m.EnsureContainer(pod, c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		gs[c] = g
-	}
-	return pod, pg, gs
 }
 
 func TestPlanWritesNothing(t *testing.T) {
