@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"slices"
@@ -48,24 +47,6 @@ func ms(d time.Duration) string { return fmt.Sprintf("%.2fms", float64(d)/float6
 
 func msf(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
-func benchLoad(b *testing.B, target string, rate float64, d time.Duration) func() loadgen.Result {
-	b.Helper()
-	ch := make(chan loadgen.Result, 1)
-	errc := make(chan error, 1)
-	go func() {
-		res, err := loadgen.Run(context.Background(), loadgen.Config{
-			Target: target, Rate: rate, Duration: d, NewConnRatio: 0.5, Timeout: 3 * time.Second})
-		errc <- err
-		ch <- res
-	}()
-	return func() loadgen.Result {
-		if err := <-errc; err != nil {
-			b.Fatal(err)
-		}
-		return <-ch
-	}
-}
-
 // BenchmarkHandoffUpgradeUnderLoad: hot upgrades of the sidecar under load
 // (target: 0 failed, 0 refused), p99 during the upgrades next to a baseline.
 func BenchmarkHandoffUpgradeUnderLoad(b *testing.B) {
@@ -80,8 +61,8 @@ func BenchmarkHandoffUpgradeUnderLoad(b *testing.B) {
 	da := startDemoAgent(b, d.spec)
 	appPID := da.status(b, "bench-up", "app").PID
 
-	base := benchLoad(b, d.target(), rate, baseline)()
-	wait := benchLoad(b, d.target(), rate, during)
+	base := runLoad(b, d.target(), rate, baseline)()
+	wait := runLoad(b, d.target(), rate, during)
 	// Upgrades spread over the run, leaving its last second quiet.
 	gap := (during - time.Second) / time.Duration(upgrades)
 	start := time.Now()
@@ -203,7 +184,7 @@ func crashScenario(b *testing.B, name string, store bool) {
 	d := newDemoPod(b, name, demoPodOpts{store: store})
 	da := startDemoAgent(b, d.spec)
 	appPID := da.status(b, name, "app").PID
-	wait := benchLoad(b, d.target(), rate, time.Duration(crashes)*every+time.Second)
+	wait := runLoad(b, d.target(), rate, time.Duration(crashes)*every+time.Second)
 	time.Sleep(500 * time.Millisecond)
 	var back []time.Duration
 	for i := 0; i < crashes; i++ {

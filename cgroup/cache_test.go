@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshagent/meshagent/internal/execshim"
 )
 
 // A pass right after another must see a process that joined the sidecar in
@@ -19,7 +21,7 @@ func TestReconcileSeesNewSidecarProcess(t *testing.T) {
 	m := needRealV1(t)
 	pod, pg, gs := testPod(t, m, "sidecar", "app")
 	files, _ := m.ProcsFiles(gs["sidecar"])
-	first := startChild(t, Entry{ProcsFiles: files}, "hold:0")
+	first := startChild(t, execshim.Spec{CgroupProcs: files}, "hold:0")
 	first.waitLine(t, "ready", 20*time.Second)
 	tg := Target{Pod: pod, PodGroup: pg, Sidecar: Container{"sidecar", gs["sidecar"]}, Apps: []Container{{"app", gs["app"]}}}
 	ctx := context.Background()
@@ -30,7 +32,7 @@ func TestReconcileSeesNewSidecarProcess(t *testing.T) {
 		t.Fatalf("steady pass: %d writes", r.Writes)
 	}
 	// The second process starts at the test's own value, not the sidecar's.
-	second := startChild(t, Entry{ProcsFiles: files}, "hold:0")
+	second := startChild(t, execshim.Spec{CgroupProcs: files}, "hold:0")
 	second.waitLine(t, "ready", 20*time.Second)
 	r := m.Reconcile(ctx, []Target{tg})
 	if r.Writes != 1 || r.Drift != 0 || r.Corrections[0].PID != second.cmd.Process.Pid {
@@ -67,7 +69,7 @@ func TestProcsAfterGroupRecreated(t *testing.T) {
 		}
 	}
 	files, _ := m.ProcsFiles(g)
-	c := startChild(t, Entry{ProcsFiles: files}, "hold:0")
+	c := startChild(t, execshim.Spec{CgroupProcs: files}, "hold:0")
 	c.waitLine(t, "ready", 20*time.Second)
 	pids, err := m.Procs(g)
 	if err != nil || len(pids) != 1 || pids[0] != c.cmd.Process.Pid {
@@ -113,7 +115,7 @@ func TestMemoNeverServesStaleSettings(t *testing.T) {
 	}
 
 	files, _ := m.ProcsFiles(gs["sidecar"])
-	c := startChild(t, Entry{ProcsFiles: files}, "hold:0")
+	c := startChild(t, execshim.Spec{CgroupProcs: files}, "hold:0")
 	c.waitLine(t, "ready", 20*time.Second)
 	pass("new sidecar process", 1)
 	pass("steady again", 0)
@@ -147,7 +149,7 @@ func TestParallelPassInTargetOrder(t *testing.T) {
 	}
 	var targets []Target
 	for i := range pods {
-		pod, pg, gs := testPod2(t, m, strconv.Itoa(i), "sidecar")
+		pod, pg, gs := testPodNamed(t, m, podName(t)+"-"+strconv.Itoa(i), "sidecar")
 		targets = append(targets, Target{Pod: pod, PodGroup: pg, Sidecar: Container{"sidecar", gs["sidecar"]},
 			PodCPULimit: 1000, Policy: Policy{CPU: CPUAmount{Millis: 100}}})
 	}

@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/meshagent/meshagent/internal/execshim"
 )
 
 // cpuOver measures the CPUs g used over window, from the kernel's own
@@ -50,7 +52,7 @@ func TestThrottlingAt20Percent(t *testing.T) {
 		t.Fatal(err)
 	}
 	files, _ := m.ProcsFiles(gs["sidecar"])
-	startChild(t, Entry{ProcsFiles: files}, "busy:1") // two spinning threads: demand 2 CPUs
+	startChild(t, execshim.Spec{CgroupProcs: files}, "busy:1") // two spinning threads: demand 2 CPUs
 	time.Sleep(500 * time.Millisecond)
 	cpu, s0, s1 := cpuOver(t, m, gs["sidecar"], 5*time.Second)
 	t.Logf("sidecar used %.3f CPU over 5s; throttled %d of %d periods, %s",
@@ -77,8 +79,8 @@ func TestStarvationFixedByPolicy(t *testing.T) {
 	appFiles, _ := m.ProcsFiles(gs["app"])
 	sideFiles, _ := m.ProcsFiles(side.Group)
 	// The app is busy on every CPU (one spinning thread per CPU, plus one).
-	startChild(t, Entry{ProcsFiles: appFiles}, "busy:"+strconv.Itoa(runtime.NumCPU()))
-	startChild(t, Entry{ProcsFiles: sideFiles}, "busy:0")
+	startChild(t, execshim.Spec{CgroupProcs: appFiles}, "busy:"+strconv.Itoa(runtime.NumCPU()))
+	startChild(t, execshim.Spec{CgroupProcs: sideFiles}, "busy:0")
 	time.Sleep(500 * time.Millisecond)
 	starved, _, _ := cpuOver(t, m, side.Group, 3*time.Second)
 	t.Logf("sidecar at cpu.shares=2 beside a busy app: %.4f CPU", starved)

@@ -15,14 +15,15 @@
 // the kernel accepts, and the library only offers "write everything".
 //
 // Host mode: EnsurePod and EnsureContainer create <root>/meshagent/<pod> and
-// <root>/meshagent/<pod>/<container>. The agent starts each child through a
-// re-exec shim: it puts the Encode()d Entry (the ProcsFiles of the group and
-// the oom_score_adj) in the child's environment under EntryEnv, and the shim calls
-// EnterFromEnv (join the groups by writing "0" to each cgroup.procs, then
-// set its own oom_score_adj) before syscall.Exec of the real command. The
-// PID stays the same and the command never runs outside its group; its
-// children inherit both the group and the score. Remove deletes a pod's
-// groups once its processes are gone.
+// <root>/meshagent/<pod>/<container>. The agent starts each child through
+// its exec shim (internal/execshim, which does not import this package): it
+// hands the shim the ProcsFiles of the group and the oom_score_adj, and the
+// shim joins the groups by writing "0" to each cgroup.procs, then sets its
+// own oom_score_adj, before syscall.Exec of the real command. The PID stays
+// the same and the command never runs outside its group; its children
+// inherit both the group and the score. This package's tests start their
+// children through the same shim. Remove deletes a pod's groups once its
+// processes are gone.
 //
 // Kubernetes: KubeLayout.PodGroup and ContainerGroup compute kubelet's paths
 // for the cgroupfs and systemd drivers (Guaranteed pods have no QoS level);

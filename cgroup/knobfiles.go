@@ -3,7 +3,6 @@ package cgroup
 import (
 	"bytes"
 	"errors"
-	"fmt"
 	"os"
 	"strconv"
 	"strings"
@@ -229,15 +228,7 @@ func (m *Manager) readKnob(path string) (string, error) {
 
 // readOOMScoreAdj is ReadOOMScoreAdj through the kept fds.
 func (m *Manager) readOOMScoreAdj(pid int) (int, error) {
-	s, err := m.readKnob(oomPath(pid))
-	if err != nil {
-		return 0, fmt.Errorf("read oom_score_adj of pid %d: %w", pid, err)
-	}
-	v, err := strconv.Atoi(s)
-	if err != nil {
-		return 0, fmt.Errorf("read oom_score_adj of pid %d: bad value %q", pid, s)
-	}
-	return v, nil
+	return readOOMScoreAdjWith(m.readKnob, pid)
 }
 
 // readProcs lists the pids of a cgroup.procs file; missing means empty.

@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/meshagent/meshagent/internal/execshim"
 )
 
 func TestKubeLayout(t *testing.T) {
@@ -142,7 +144,7 @@ func TestKubeRefOfRealProcess(t *testing.T) {
 				t.Fatal(err)
 			}
 			files, _ := m.ProcsFiles(g)
-			c := startChild(t, Entry{ProcsFiles: files}, "hold:0")
+			c := startChild(t, execshim.Spec{CgroupProcs: files}, "hold:0")
 			c.waitLine(t, "ready", 20*time.Second)
 			ref, err := KubeRefOfPID("", c.cmd.Process.Pid)
 			if err != nil {

@@ -2,6 +2,7 @@ package cgroup
 
 import (
 	"bufio"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,15 +19,19 @@ import (
 
 	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
+
+	"github.com/meshagent/meshagent/internal/execshim"
 )
 
 // Children of these tests are this test binary re-executed with roleEnv set;
-// TestMain runs the role instead of the tests. Role "shim:<next>" does what
-// the agent's shim does: join the cgroups named in EntryEnv, then exec
-// itself as <next>, keeping its PID.
+// TestMain runs the role instead of the tests. startChild starts them the
+// way the agent starts a container: through the exec shim (internal/execshim),
+// which joins the cgroups and sets oom_score_adj, then execs this binary
+// again as the role, keeping its PID.
 const roleEnv = "MESHAGENT_CGROUP_TEST_ROLE"
 
 func TestMain(m *testing.M) {
+	execshim.RunIfRequested()
 	if role, ok := os.LookupEnv(roleEnv); ok {
 		runRole(role)
 		os.Exit(0)
@@ -35,23 +40,6 @@ func TestMain(m *testing.M) {
 }
 
 func runRole(role string) {
-	if next, ok := strings.CutPrefix(role, "shim:"); ok {
-		if _, err := EnterFromEnv(); err != nil {
-			fmt.Fprintln(os.Stderr, "shim:", err)
-			os.Exit(3)
-		}
-		var env []string
-		for _, kv := range os.Environ() {
-			if !strings.HasPrefix(kv, roleEnv+"=") {
-				env = append(env, kv)
-			}
-		}
-		env = append(env, roleEnv+"="+next)
-		exe, _ := os.Executable()
-		err := syscall.Exec(exe, os.Args, env)
-		fmt.Fprintln(os.Stderr, "shim exec:", err)
-		os.Exit(3)
-	}
 	name, arg, _ := strings.Cut(role, ":")
 	switch name {
 	case "report":
@@ -122,17 +110,26 @@ type child struct {
 	ended  time.Time // when Wait returned
 }
 
-// startChild starts role through the shim path: it joins entry's groups
-// before it execs into the role.
-func startChild(t *testing.T, entry Entry, role string) *child {
+// startChild starts role through the exec shim: it joins the groups of
+// shim.CgroupProcs and sets shim.OOMScoreAdj before it execs into the role.
+func startChild(t *testing.T, shim execshim.Spec, role string) *child {
 	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
+	shim.Path, shim.Argv = exe, []string{exe, "-test.run=^$"}
+	// The shim's error fd is a copy of stderr (close-on-exec in the shim),
+	// so why it failed shows in the test output.
+	shim.ErrFD = 3
+	raw, err := json.Marshal(shim)
+	if err != nil {
+		t.Fatal(err)
+	}
 	cmd := exec.Command(exe, "-test.run=^$")
-	cmd.Env = append(os.Environ(), roleEnv+"=shim:"+role, EntryEnv+"="+entry.Encode())
+	cmd.Env = append(os.Environ(), roleEnv+"="+role, execshim.Env+"="+string(raw))
 	cmd.Stderr = os.Stderr
+	cmd.ExtraFiles = []*os.File{os.Stderr}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -250,7 +247,13 @@ func podName(t testing.TB) string {
 // (and the meshagent parent, when empty) at cleanup.
 func testPod(t *testing.T, m *Manager, containers ...string) (string, Group, map[string]Group) {
 	t.Helper()
-	pod := podName(t)
+	return testPodNamed(t, m, podName(t), containers...)
+}
+
+// testPodNamed is testPod for a pod of the given name (podName(t) and a
+// suffix), for tests that need more than one pod.
+func testPodNamed(t *testing.T, m *Manager, pod string, containers ...string) (string, Group, map[string]Group) {
+	t.Helper()
 	pg, err := m.EnsurePod(pod)
 	if err != nil {
 		t.Fatal(err)

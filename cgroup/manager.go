@@ -302,8 +302,8 @@ func isCgroupFS(dir string) bool {
 }
 
 // ProcsFiles lists the cgroup.procs file of g in every hierarchy meshagent
-// uses. A re-exec shim writes to each of them (EnterSelf) before it execs the
-// real command, so the command never runs outside its group.
+// uses. The exec shim writes "0" to each of them before it execs the real
+// command, so the command never runs outside its group.
 func (m *Manager) ProcsFiles(g Group) ([]string, error) {
 	s, err := g.clean()
 	if err != nil {

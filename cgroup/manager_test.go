@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/meshagent/meshagent/internal/execshim"
 )
 
 func TestOpenDetectsHostMode(t *testing.T) {
@@ -100,7 +102,7 @@ func TestShimEntersBeforeExec(t *testing.T) {
 		t.Fatal(err)
 	}
 	adj := SidecarOOMScoreAdj(0)
-	c := startChild(t, Entry{ProcsFiles: files, OOMScoreAdj: &adj}, "report")
+	c := startChild(t, execshim.Spec{CgroupProcs: files, OOMScoreAdj: &adj}, "report")
 	out := map[string]string{}
 	for {
 		l, err := c.stdout.ReadString('\n')
@@ -138,7 +140,7 @@ func TestOOMScoreAdj(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}
-	c := startChild(t, Entry{}, "hold:0")
+	c := startChild(t, execshim.Spec{}, "hold:0")
 	c.waitLine(t, "ready", 10*time.Second)
 	pid := c.cmd.Process.Pid
 	start, err := ReadOOMScoreAdj(pid)
@@ -179,33 +181,12 @@ func TestSidecarOOMScoreAdjRule(t *testing.T) {
 	}
 }
 
-func TestEntryRoundTrip(t *testing.T) {
-	adj := 3
-	e := Entry{ProcsFiles: []string{"/a/cgroup.procs", "/b/cgroup.procs"}, OOMScoreAdj: &adj}
-	got, err := DecodeEntry(e.Encode())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(got.ProcsFiles) != 2 || got.ProcsFiles[1] != "/b/cgroup.procs" || got.OOMScoreAdj == nil || *got.OOMScoreAdj != 3 {
-		t.Fatalf("round trip = %+v", got)
-	}
-	if _, err := DecodeEntry("{"); err == nil || !strings.Contains(err.Error(), EntryEnv) {
-		t.Fatalf("DecodeEntry({) error = %v", err)
-	}
-	if err := EnterSelf(nil); err == nil {
-		t.Fatal("EnterSelf(nil) succeeded")
-	}
-	if err := EnterSelf([]string{filepath.Join(t.TempDir(), "missing", "cgroup.procs")}); err == nil || !strings.Contains(err.Error(), "missing") {
-		t.Fatalf("EnterSelf(missing) error = %v", err)
-	}
-}
-
 func TestStatsMemoryUsage(t *testing.T) {
 	checkLeaks(t)
 	m := needRealV1(t)
 	_, _, gs := testPod(t, m, "app")
 	files, _ := m.ProcsFiles(gs["app"])
-	c := startChild(t, Entry{ProcsFiles: files}, "hold:32")
+	c := startChild(t, execshim.Spec{CgroupProcs: files}, "hold:32")
 	c.waitLine(t, "ready", 20*time.Second)
 	st, err := m.Stats(gs["app"])
 	if err != nil {

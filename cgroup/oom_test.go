@@ -8,6 +8,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshagent/meshagent/internal/execshim"
 )
 
 // oomTrial runs one pod-level OOM: the app holds 64 MiB, the sidecar grows
@@ -21,9 +23,9 @@ func oomTrial(t *testing.T, m *Manager, events <-chan OOMEvent, tg Target, sidec
 	appFiles, _ := m.ProcsFiles(tg.Apps[0].Group)
 	sideFiles, _ := m.ProcsFiles(tg.Sidecar.Group)
 	appAdj := 0
-	app := startChild(t, Entry{ProcsFiles: appFiles, OOMScoreAdj: &appAdj}, "hold:64")
+	app := startChild(t, execshim.Spec{CgroupProcs: appFiles, OOMScoreAdj: &appAdj}, "hold:64")
 	app.waitLine(t, "ready", 20*time.Second)
-	side := startChild(t, Entry{ProcsFiles: sideFiles, OOMScoreAdj: &sidecarAdj}, "grow:100")
+	side := startChild(t, execshim.Spec{CgroupProcs: sideFiles, OOMScoreAdj: &sidecarAdj}, "grow:100")
 	side.waitLine(t, "ready", 20*time.Second)
 	defer app.kill()
 	defer side.kill()
@@ -122,7 +124,7 @@ func TestOOMKillsSidecarFirst(t *testing.T) {
 			// The supervisor restarts the sidecar at once: the new process
 			// is confined and first in line again.
 			files, _ := m.ProcsFiles(tg.Sidecar.Group)
-			c := startChild(t, Entry{ProcsFiles: files, OOMScoreAdj: &adj}, "hold:0")
+			c := startChild(t, execshim.Spec{CgroupProcs: files, OOMScoreAdj: &adj}, "hold:0")
 			c.waitLine(t, "ready", 20*time.Second)
 			if v, err := ReadOOMScoreAdj(c.cmd.Process.Pid); err != nil || v != 1000 {
 				t.Fatalf("restarted sidecar oom_score_adj = %d, %v; want 1000", v, err)

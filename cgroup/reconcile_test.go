@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshagent/meshagent/internal/execshim"
 )
 
 // kubeletSetsPod plays kubelet: a pod quota of 500m and an app container
@@ -94,7 +96,7 @@ func TestDriftRestoredAndCounted(t *testing.T) {
 	m.log = slog.New(slog.NewTextHandler(&logs, nil))
 	pod, pg, gs := testPod(t, m, "sidecar", "app")
 	files, _ := m.ProcsFiles(gs["sidecar"])
-	side := startChild(t, Entry{ProcsFiles: files}, "hold:0")
+	side := startChild(t, execshim.Spec{CgroupProcs: files}, "hold:0")
 	side.waitLine(t, "ready", 20*time.Second)
 	tg := Target{Pod: pod, PodGroup: pg, Sidecar: Container{"sidecar", gs["sidecar"]},
 		Apps: []Container{{"app", gs["app"]}}, PodCPULimit: 1000, PodMemoryLimit: 256 << 20, OwnPod: true,
@@ -144,7 +146,7 @@ func TestDriftRestoredAndCounted(t *testing.T) {
 func TestBadPolicyIsolatedToItsPod(t *testing.T) {
 	m := needRealV1(t)
 	bad, badG, badCs := testPod(t, m, "sidecar")
-	good, goodG, goodCs := testPod2(t, m, "good", "sidecar")
+	good, goodG, goodCs := testPodNamed(t, m, podName(t)+"-good", "sidecar")
 	badQuota := filepath.Join(m.dir("cpu", badCs["sidecar"]), "cpu.cfs_quota_us")
 	before := readFile(t, badQuota)
 	targets := []Target{
@@ -172,30 +174,6 @@ func TestBadPolicyIsolatedToItsPod(t *testing.T) {
 	if got := readFile(t, filepath.Join(m.dir("cpu", goodCs["sidecar"]), "cpu.cfs_quota_us")); got != "10000" {
 		t.Errorf("good pod's sidecar quota = %s, want 10000", got)
 	}
-}
-
-// testPod2 is testPod with a suffix, for tests that need two pods.
-func testPod2(t *testing.T, m *Manager, suffix string, containers ...string) (string, Group, map[string]Group) {
-	t.Helper()
-	pod := podName(t) + "-" + suffix
-	pg, err := m.EnsurePod(pod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := m.Remove(pg); err != nil {
-			t.Errorf("cleanup: %v", err)
-		}
-	})
-	gs := map[string]Group{}
-	for _, c := range containers {
-		g, err := m.EnsureContainer(pod, c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		gs[c] = g
-	}
-	return pod, pg, gs
 }
 
 func TestPlanWritesNothing(t *testing.T) {

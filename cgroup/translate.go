@@ -242,36 +242,38 @@ type layout struct {
 	mode Mode
 }
 
+// v1Files and v2Files place each knob's file: root + [0] + group + [1]. On
+// v1 a knob lives in its controller's hierarchy, on v2 in the group itself.
+// A knob without an entry (oom_score_adj, a /proc file) has no group file.
+var (
+	v1Files = map[Knob][2]string{
+		KnobCPUPeriod: {"/cpu/", "/cpu.cfs_period_us"},
+		KnobCPUQuota:  {"/cpu/", "/cpu.cfs_quota_us"},
+		KnobCPUBurst:  {"/cpu/", "/cpu.cfs_burst_us"},
+		KnobCPUShares: {"/cpu/", "/cpu.shares"},
+		KnobMemoryMax: {"/memory/", "/memory.limit_in_bytes"},
+	}
+	v2Files = map[Knob][2]string{
+		KnobCPUPeriod: {"/", "/cpu.max"},
+		KnobCPUQuota:  {"/", "/cpu.max"},
+		KnobCPUBurst:  {"/", "/cpu.max.burst"},
+		KnobCPUShares: {"/", "/cpu.weight"},
+		KnobMemoryMax: {"/", "/memory.max"},
+	}
+)
+
 func (l layout) file(k Knob, g Group) string {
-	// Plain concatenation: groups are validated (clean, relative) before
-	// they get here, and this runs thousands of times per pass.
-	s := strings.Trim(string(g), "/")
+	files := v2Files
 	if l.mode.v1() {
-		switch k {
-		case KnobCPUPeriod:
-			return l.root + "/cpu/" + s + "/cpu.cfs_period_us"
-		case KnobCPUQuota:
-			return l.root + "/cpu/" + s + "/cpu.cfs_quota_us"
-		case KnobCPUBurst:
-			return l.root + "/cpu/" + s + "/cpu.cfs_burst_us"
-		case KnobCPUShares:
-			return l.root + "/cpu/" + s + "/cpu.shares"
-		case KnobMemoryMax:
-			return l.root + "/memory/" + s + "/memory.limit_in_bytes"
-		}
+		files = v1Files
+	}
+	f, ok := files[k]
+	if !ok {
 		return ""
 	}
-	switch k {
-	case KnobCPUPeriod, KnobCPUQuota:
-		return l.root + "/" + s + "/cpu.max"
-	case KnobCPUBurst:
-		return l.root + "/" + s + "/cpu.max.burst"
-	case KnobCPUShares:
-		return l.root + "/" + s + "/cpu.weight"
-	case KnobMemoryMax:
-		return l.root + "/" + s + "/memory.max"
-	}
-	return ""
+	// Plain concatenation: groups are validated (clean, relative) before
+	// they get here, and this runs thousands of times per pass.
+	return l.root + f[0] + strings.Trim(string(g), "/") + f[1]
 }
 
 // sameValue compares a file's content with a desired value, tolerating the

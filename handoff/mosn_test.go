@@ -242,19 +242,7 @@ func TestMOSNReceiveRejectsMalformed(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			checkFDs(t)
-			a, b := socketPair(t, unix.SOCK_STREAM)
-			files := pipes(t, max(tc.nfds, 1))[:tc.nfds]
-			var oob []byte
-			if tc.nfds > 0 {
-				fds := make([]int, tc.nfds)
-				for i, f := range files {
-					fds[i] = int(f.Fd())
-				}
-				oob = unix.UnixRights(fds...)
-			}
-			if _, _, err := a.WriteMsgUnix(tc.data, oob, nil); err != nil {
-				t.Fatalf("send: %v", err)
-			}
+			a, b := sendPipes(t, unix.SOCK_STREAM, tc.data, tc.nfds)
 			a.Close()
 			before, _ := fdCount(t)
 			got, err := receiveMOSNFiles(context.Background(), b)

@@ -111,15 +111,7 @@ func (h *notifyHarness) send(t *testing.T, data string, files ...*os.File) {
 		t.Fatal(err)
 	}
 	defer syscall.Close(sock)
-	var oob []byte
-	if len(files) > 0 {
-		fds := make([]int, len(files))
-		for i, f := range files {
-			fds[i] = int(f.Fd())
-		}
-		oob = syscall.UnixRights(fds...)
-	}
-	if err := syscall.Sendmsg(sock, []byte(data), oob, &syscall.SockaddrUnix{Name: h.notify.Path()}, 0); err != nil {
+	if err := syscall.Sendmsg(sock, []byte(data), rights(files), &syscall.SockaddrUnix{Name: h.notify.Path()}, 0); err != nil {
 		t.Fatalf("send %.40q: %v", data, err)
 	}
 }

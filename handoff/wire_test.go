@@ -153,6 +153,31 @@ func pipes(t *testing.T, n int) []*os.File {
 	return out
 }
 
+// rights is the SCM_RIGHTS control message that carries files' fds; nil
+// for no files.
+func rights(files []*os.File) []byte {
+	if len(files) == 0 {
+		return nil
+	}
+	fds := make([]int, len(files))
+	for i, f := range files {
+		fds[i] = int(f.Fd())
+	}
+	return unix.UnixRights(fds...)
+}
+
+// sendPipes sends data with nfds pipe fds in one message on a new socket
+// pair of typ and returns both ends: a sent it, b is to receive it.
+func sendPipes(t *testing.T, typ int, data []byte, nfds int) (a, b *net.UnixConn) {
+	t.Helper()
+	a, b = socketPair(t, typ)
+	files := pipes(t, max(nfds, 1))[:nfds]
+	if _, _, err := a.WriteMsgUnix(data, rights(files), nil); err != nil {
+		t.Fatalf("send: %v", err)
+	}
+	return a, b
+}
+
 func TestSendReceiveFiles(t *testing.T) {
 	checkFDs(t)
 	a, b := seqpacketPair(t)
@@ -239,19 +264,7 @@ func TestReceiveFilesRejectsMalformed(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			checkFDs(t)
-			a, b := socketPair(t, tc.typ)
-			files := pipes(t, max(tc.nfds, 1))[:tc.nfds]
-			var oob []byte
-			if tc.nfds > 0 {
-				fds := make([]int, tc.nfds)
-				for i, f := range files {
-					fds[i] = int(f.Fd())
-				}
-				oob = unix.UnixRights(fds...)
-			}
-			if _, _, err := a.WriteMsgUnix(tc.data, oob, nil); err != nil {
-				t.Fatalf("send: %v", err)
-			}
+			_, b := sendPipes(t, tc.typ, tc.data, tc.nfds)
 			before, _ := fdCount(t)
 			got, err := ReceiveFiles(b)
 			if !errors.Is(err, tc.want) {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -111,8 +112,50 @@ type Metrics struct {
 	reloadOK        prometheus.Gauge
 	switches        *prometheus.GaugeVec
 
-	// podVecs lists every vector with a pod label, for ForgetPod.
+	// own lists the metrics above, for New to register; podVecs those of
+	// them with a pod label, for ForgetPod. Both are filled by the
+	// constructors below, so a new metric cannot be left out of either.
+	own     []prometheus.Collector
 	podVecs []*prometheus.MetricVec
+}
+
+// keep notes c for registration and, when labels include "pod", its vector
+// v for ForgetPod.
+func (m *Metrics) keep(c prometheus.Collector, v *prometheus.MetricVec, labels []string) {
+	m.own = append(m.own, c)
+	if v != nil && slices.Contains(labels, "pod") {
+		m.podVecs = append(m.podVecs, v)
+	}
+}
+
+func (m *Metrics) counterVec(name, help string, labels ...string) *prometheus.CounterVec {
+	v := prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, labels)
+	m.keep(v, v.MetricVec, labels)
+	return v
+}
+
+func (m *Metrics) gaugeVec(name, help string, labels ...string) *prometheus.GaugeVec {
+	v := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: name, Help: help}, labels)
+	m.keep(v, v.MetricVec, labels)
+	return v
+}
+
+func (m *Metrics) histogramVec(name, help string, buckets []float64, labels ...string) *prometheus.HistogramVec {
+	v := prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: name, Help: help, Buckets: buckets}, labels)
+	m.keep(v, v.MetricVec, labels)
+	return v
+}
+
+func (m *Metrics) gauge(name, help string) prometheus.Gauge {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{Name: name, Help: help})
+	m.keep(g, nil, nil)
+	return g
+}
+
+func (m *Metrics) histogram(name, help string, buckets []float64) prometheus.Histogram {
+	h := prometheus.NewHistogram(prometheus.HistogramOpts{Name: name, Help: help, Buckets: buckets})
+	m.keep(h, nil, nil)
+	return h
 }
 
 // Buckets for "how long until ready" style durations: sidecars that are
@@ -133,87 +176,59 @@ func New(opts Options) (*Metrics, error) {
 	if m.logger == nil {
 		m.logger = slog.Default()
 	}
-	podContainer := []string{"pod", "container"}
+	m.sidecarRestarts = m.counterVec("meshagent_sidecar_restarts_total",
+		"Sidecar restarts by pod, container and cause (crash, oom, hang, operator, upgrade, other).",
+		"pod", "container", "cause")
+	m.sidecarReady = m.histogram("meshagent_sidecar_ready_duration_seconds",
+		"Time from a sidecar's start to its first passed readiness check, over all pods.",
+		startupBuckets)
+	m.sidecarLastRdy = m.gaugeVec("meshagent_sidecar_last_ready_duration_seconds",
+		"Time the last start of this sidecar took to become ready.",
+		"pod", "container")
+	m.gateHold = m.histogram("meshagent_startup_gate_hold_duration_seconds",
+		"Time a pod's apps were held by the startup gate before starting, over all pods.",
+		startupBuckets)
+	m.gateLastHold = m.gaugeVec("meshagent_startup_gate_last_hold_duration_seconds",
+		"Time the startup gate held this pod's apps the last time it opened.",
+		"pod")
+	m.startupTimeouts = m.counterVec("meshagent_startup_timeouts_total",
+		"Pod starts whose sidecars were not ready within startup.timeout, by the policy applied (failOpen, failClosed).",
+		"pod", "policy")
+	m.oomKills = m.counterVec("meshagent_oom_kills_total",
+		"OOM kills in a pod's cgroup by victim container and role (sidecar, app, unknown).",
+		"pod", "container", "role")
+	m.driftFixes = m.counterVec("meshagent_cgroup_drift_corrections_total",
+		"cgroup or oom_score_adj values someone else changed and meshagent restored, by knob.",
+		"pod", "container", "knob")
+	m.fdsHeld = m.gaugeVec("meshagent_fdstore_held_fds",
+		"File descriptors (listening sockets) the hand-off store holds for a sidecar.",
+		"pod", "container")
+	m.handoffs = m.counterVec("meshagent_handoffs_total",
+		"Finished hand-offs and hot upgrades by kind, outcome (success, rolled_back, failed) and reason.",
+		"kind", "outcome", "reason")
+	m.handoffDuration = m.histogramVec("meshagent_handoff_duration_seconds",
+		"Duration of hand-offs and hot upgrades, from start to success or completed rollback.",
+		handoffBuckets, "kind", "outcome")
 
-	m.sidecarRestarts = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "meshagent_sidecar_restarts_total",
-		Help: "Sidecar restarts by pod, container and cause (crash, oom, hang, operator, upgrade, other).",
-	}, []string{"pod", "container", "cause"})
-	m.sidecarReady = prometheus.NewHistogram(prometheus.HistogramOpts{
-		Name:    "meshagent_sidecar_ready_duration_seconds",
-		Help:    "Time from a sidecar's start to its first passed readiness check, over all pods.",
-		Buckets: startupBuckets,
-	})
-	m.sidecarLastRdy = prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Name: "meshagent_sidecar_last_ready_duration_seconds",
-		Help: "Time the last start of this sidecar took to become ready.",
-	}, podContainer)
-	m.gateHold = prometheus.NewHistogram(prometheus.HistogramOpts{
-		Name:    "meshagent_startup_gate_hold_duration_seconds",
-		Help:    "Time a pod's apps were held by the startup gate before starting, over all pods.",
-		Buckets: startupBuckets,
-	})
-	m.gateLastHold = prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Name: "meshagent_startup_gate_last_hold_duration_seconds",
-		Help: "Time the startup gate held this pod's apps the last time it opened.",
-	}, []string{"pod"})
-	m.startupTimeouts = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "meshagent_startup_timeouts_total",
-		Help: "Pod starts whose sidecars were not ready within startup.timeout, by the policy applied (failOpen, failClosed).",
-	}, []string{"pod", "policy"})
-	m.oomKills = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "meshagent_oom_kills_total",
-		Help: "OOM kills in a pod's cgroup by victim container and role (sidecar, app, unknown).",
-	}, []string{"pod", "container", "role"})
-	m.driftFixes = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "meshagent_cgroup_drift_corrections_total",
-		Help: "cgroup or oom_score_adj values someone else changed and meshagent restored, by knob.",
-	}, []string{"pod", "container", "knob"})
-	m.fdsHeld = prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Name: "meshagent_fdstore_held_fds",
-		Help: "File descriptors (listening sockets) the hand-off store holds for a sidecar.",
-	}, podContainer)
-	m.handoffs = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "meshagent_handoffs_total",
-		Help: "Finished hand-offs and hot upgrades by kind, outcome (success, rolled_back, failed) and reason.",
-	}, []string{"kind", "outcome", "reason"})
-	m.handoffDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
-		Name:    "meshagent_handoff_duration_seconds",
-		Help:    "Duration of hand-offs and hot upgrades, from start to success or completed rollback.",
-		Buckets: handoffBuckets,
-	}, []string{"kind", "outcome"})
-
-	m.sidecarUp = prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Name: "meshagent_sidecar_ready",
-		Help: "1 while the sidecar passes its readiness check, else 0.",
-	}, podContainer)
-	m.crashLooping = prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Name: "meshagent_sidecar_crash_looping",
-		Help: "1 while the supervisor reports the sidecar in a crash loop, else 0.",
-	}, podContainer)
-	m.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "meshagent_config_reloads_total",
-		Help: "Config reloads (SIGHUP or ctl reload) by result (success, failure).",
-	}, []string{"result"})
-	m.reloadOK = prometheus.NewGauge(prometheus.GaugeOpts{
-		Name: "meshagent_config_last_reload_successful",
-		Help: "1 if the last config reload was taken, 0 if it was refused and the previous config is still in force.",
-	})
+	m.sidecarUp = m.gaugeVec("meshagent_sidecar_ready",
+		"1 while the sidecar passes its readiness check, else 0.",
+		"pod", "container")
+	m.crashLooping = m.gaugeVec("meshagent_sidecar_crash_looping",
+		"1 while the supervisor reports the sidecar in a crash loop, else 0.",
+		"pod", "container")
+	m.reloads = m.counterVec("meshagent_config_reloads_total",
+		"Config reloads (SIGHUP or ctl reload) by result (success, failure).",
+		"result")
+	m.reloadOK = m.gauge("meshagent_config_last_reload_successful",
+		"1 if the last config reload was taken, 0 if it was refused and the previous config is still in force.")
 	m.reloadOK.Set(1) // the config the agent started with was valid
-	m.switches = prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Name: "meshagent_switch_enabled",
-		Help: "Runtime switches: 1 on, 0 off (an emergency switch left off shows here).",
-	}, []string{"switch"})
+	m.switches = m.gaugeVec("meshagent_switch_enabled",
+		"Runtime switches: 1 on, 0 off (an emergency switch left off shows here).",
+		"switch")
 	// Both results exist from the start, so increase() sees the first
 	// failure instead of a series appearing out of nothing.
 	for _, c := range []string{"success", "failure"} {
 		m.reloads.WithLabelValues(c)
-	}
-
-	m.podVecs = []*prometheus.MetricVec{
-		m.sidecarRestarts.MetricVec, m.sidecarLastRdy.MetricVec, m.gateLastHold.MetricVec,
-		m.startupTimeouts.MetricVec, m.oomKills.MetricVec, m.driftFixes.MetricVec,
-		m.fdsHeld.MetricVec, m.sidecarUp.MetricVec, m.crashLooping.MetricVec,
 	}
 
 	version, revision := buildVersion(opts.Version, opts.Revision)
@@ -234,14 +249,11 @@ func New(opts Options) (*Metrics, error) {
 	}
 	stats := newStatsCollector(opts.Stats, timeout)
 
-	for _, c := range []prometheus.Collector{
-		m.sidecarRestarts, m.sidecarReady, m.sidecarLastRdy, m.gateHold, m.gateLastHold,
-		m.startupTimeouts, m.oomKills, m.driftFixes, m.fdsHeld, m.handoffs, m.handoffDuration,
-		m.sidecarUp, m.crashLooping, m.reloads, m.reloadOK, m.switches,
+	for _, c := range append(m.own,
 		buildInfo, stats,
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		collectors.NewGoCollector(),
-	} {
+	) {
 		if err := m.reg.Register(c); err != nil {
 			return nil, fmt.Errorf("register metrics collector: %w", err)
 		}

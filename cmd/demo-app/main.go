@@ -10,22 +10,20 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
-	"github.com/meshagent/meshagent/internal/httpdrain"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"strconv"
 	"sync/atomic"
-	"syscall"
 	"time"
+
+	"github.com/meshagent/meshagent/internal/demo"
+	"github.com/meshagent/meshagent/internal/httpdrain"
 )
 
 // maxDelay bounds the ?delay= a client may ask for, so a stray request cannot
@@ -72,17 +70,12 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 func run(started time.Time, args []string, stderr io.Writer) int {
 	// Signals first: a SIGTERM that arrives while we bind must still mean
 	// "stop cleanly", not the default "die".
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	ctx, stop, log := demo.Start("demo-app", stderr)
 	defer stop()
 
-	log := slog.New(slog.NewTextHandler(stderr, nil)).With("app", "demo-app", "pid", os.Getpid())
 	c, err := parseFlags(args, stderr)
 	if err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		log.Error("bad flags", "err", err)
-		return 2
+		return demo.FlagsExit(log, err)
 	}
 	log = log.With("name", c.name)
 	if c.startedFile != "" {
@@ -112,13 +105,7 @@ func run(started time.Time, args []string, stderr io.Writer) int {
 	}
 	stop() // a second signal now kills us the default way
 	log.Info("draining", "deadline", c.drain.String())
-	dctx, cancel := context.WithTimeout(context.Background(), c.drain)
-	defer cancel()
-	if cut := srv.Drain(dctx); cut > 0 {
-		// The remaining requests are cut. Say so, but it is still the stop
-		// we were asked for.
-		log.Warn("drain deadline passed, cut the remaining connections", "connections", cut)
-	}
+	demo.Drain(log, srv, c.drain)
 	log.Info("exiting", "requests", a.requests.Load())
 	return 0
 }

@@ -1,114 +1,41 @@
 package main
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"go.uber.org/goleak"
+	"github.com/meshagent/meshagent/internal/proctest"
 )
 
 var appBin string
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "demo-app-test-")
+	dir, err := proctest.Build("github.com/meshagent/meshagent/cmd/demo-app")
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "temp dir:", err)
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	appBin = filepath.Join(dir, "demo-app")
-	if out, err := exec.Command("go", "build", "-o", appBin, ".").CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "go build: %v\n%s", err, out)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	if code == 0 {
-		if err := goleak.Find(); err != nil {
-			fmt.Fprintln(os.Stderr, "goleak:", err)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+	os.Exit(proctest.Run(m, dir))
 }
 
 // startApp runs the real binary on a free port and waits until it accepts.
-// The returned channel is closed when the process has exited; its exit error
-// is then in *exitErr.
-func startApp(t *testing.T, args ...string) (cmd *exec.Cmd, addr string, stderr *lockedBuffer, done <-chan struct{}, exitErr *error) {
+func startApp(t *testing.T, args ...string) (*proctest.Proc, string) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr = ln.Addr().String()
-	ln.Close()
-	cmd = exec.Command(appBin, append([]string{"--listen", addr}, args...)...)
-	stderr = &lockedBuffer{}
-	cmd.Stderr = stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	exitErr = new(error)
-	go func() {
-		*exitErr = cmd.Wait()
-		close(exited)
-	}()
-	done = exited
-	t.Cleanup(func() {
-		select {
-		case <-exited:
-		default:
-			cmd.Process.Kill()
-			<-exited
-		}
-		if t.Failed() {
-			t.Logf("demo-app stderr:\n%s", stderr)
-		}
-	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-			return cmd, addr, stderr, done, exitErr
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("demo-app on %s not accepting: %v", addr, err)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	addr := proctest.FreeAddr(t)
+	p := proctest.Start(t, "demo-app", appBin, append([]string{"--listen", addr}, args...), proctest.Options{})
+	proctest.WaitAccepting(t, "demo-app", addr, 10*time.Second)
+	return p, addr
 }
 
 func get(t *testing.T, url string) (*http.Response, []byte) {
@@ -130,7 +57,7 @@ func get(t *testing.T, url string) (*http.Response, []byte) {
 func TestServesAndRecordsStart(t *testing.T) {
 	before := time.Now()
 	sf := filepath.Join(t.TempDir(), "started")
-	cmd, addr, _, _, _ := startApp(t, "--name", "web", "--started-file", sf)
+	app, addr := startApp(t, "--name", "web", "--started-file", sf)
 	data, err := os.ReadFile(sf)
 	if err != nil {
 		t.Fatalf("started file: %v", err)
@@ -149,7 +76,7 @@ func TestServesAndRecordsStart(t *testing.T) {
 		wantBody   string
 	}{
 		{"/", 200, `"app":"web"`},
-		{"/any/path", 200, fmt.Sprintf(`"pid":%d`, cmd.Process.Pid)},
+		{"/any/path", 200, fmt.Sprintf(`"pid":%d`, app.PID())},
 		{"/?status=503", 503, `"app":"web"`},
 		{"/?status=99", 400, `status "99": want a number from 200 to 599`},
 		{"/?delay=50ms", 200, `"app":"web"`},
@@ -174,7 +101,7 @@ func TestServesAndRecordsStart(t *testing.T) {
 			t.Errorf("body %q lacks %q", body, k)
 		}
 	}
-	if h := resp.Header.Get("X-Demo-App"); h != fmt.Sprintf("web pid=%d", cmd.Process.Pid) {
+	if h := resp.Header.Get("X-Demo-App"); h != fmt.Sprintf("web pid=%d", app.PID()) {
 		t.Errorf("X-Demo-App %q", h)
 	}
 }
@@ -182,7 +109,7 @@ func TestServesAndRecordsStart(t *testing.T) {
 // TestDrainOnSIGTERM: a request in flight when SIGTERM arrives is answered,
 // and the exit log counts it.
 func TestDrainOnSIGTERM(t *testing.T) {
-	cmd, addr, stderr, done, exitErr := startApp(t, "--drain", "10s")
+	app, addr := startApp(t, "--drain", "10s")
 	answered := make(chan error, 1)
 	go func() {
 		tr := &http.Transport{DisableKeepAlives: true}
@@ -198,20 +125,15 @@ func TestDrainOnSIGTERM(t *testing.T) {
 		answered <- err
 	}()
 	time.Sleep(200 * time.Millisecond) // the request is in the app by now
-	cmd.Process.Signal(syscall.SIGTERM)
+	app.Signal(t, syscall.SIGTERM)
 	if err := <-answered; err != nil {
 		t.Errorf("in-flight request: %v", err)
 	}
-	select {
-	case <-done:
-		if *exitErr != nil {
-			t.Errorf("exit: %v, want status 0", *exitErr)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("still running 10s after SIGTERM")
+	if code := app.Wait(t, 10*time.Second); code != 0 {
+		t.Errorf("exit code %d after SIGTERM, want 0", code)
 	}
-	if !strings.Contains(stderr.String(), "msg=exiting") || !strings.Contains(stderr.String(), "requests=1") {
-		t.Errorf("exit log lacks the request count:\n%s", stderr)
+	if log := app.Stderr.String(); !strings.Contains(log, "msg=exiting") || !strings.Contains(log, "requests=1") {
+		t.Errorf("exit log lacks the request count:\n%s", log)
 	}
 }
 

@@ -4,20 +4,18 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
+
+	"github.com/meshagent/meshagent/internal/proctest"
 )
 
 // bins holds the binaries TestMain builds once for every test.
@@ -26,166 +24,14 @@ var bins struct {
 }
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "demo-sidecar-test-")
+	dir, err := proctest.Build("github.com/meshagent/meshagent/cmd/demo-sidecar", "github.com/meshagent/meshagent/cmd/demo-app")
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "temp dir:", err)
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	bins.sidecar = filepath.Join(dir, "demo-sidecar")
 	bins.app = filepath.Join(dir, "demo-app")
-	out, err := exec.Command("go", "build", "-o", dir+"/",
-		"github.com/meshagent/meshagent/cmd/demo-sidecar",
-		"github.com/meshagent/meshagent/cmd/demo-app").CombinedOutput()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "go build: %v\n%s", err, out)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	if code == 0 {
-		if err := goleak.Find(); err != nil {
-			fmt.Fprintln(os.Stderr, "goleak:", err)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
-
-// checkFDs fails the test if it ends with more open fds than it started
-// with. Call it first so its cleanup runs last.
-func checkFDs(t *testing.T) {
-	t.Helper()
-	before := countFDs(t)
-	t.Cleanup(func() {
-		// Idle keep-alive connections of the default client are not ours to
-		// count.
-		http.DefaultClient.CloseIdleConnections()
-		var after int
-		for i := 0; i < 50; i++ { // closes by the runtime poller may lag a little
-			if after = countFDs(t); after <= before {
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-		t.Errorf("fd leak: %d open fds before the test, %d after", before, after)
-	})
-}
-
-func countFDs(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatalf("count fds: %v", err)
-	}
-	return len(ents)
-}
-
-// syncBuffer collects a child's stderr while the child writes it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-type proc struct {
-	cmd    *exec.Cmd
-	stderr *syncBuffer
-	done   chan struct{}
-	err    error // valid after done
-}
-
-type procOpts struct {
-	env   []string
-	files []*os.File
-	// shellPID wraps the command in sh so LISTEN_PID is the pid of the
-	// program itself, as systemd sets it after fork.
-	shellPID bool
-}
-
-// startProc starts a real child process and makes sure it is gone at the end
-// of the test, logging its stderr if the test failed.
-func startProc(t *testing.T, name, bin string, args []string, o procOpts) *proc {
-	t.Helper()
-	var cmd *exec.Cmd
-	if o.shellPID {
-		cmd = exec.Command("/bin/sh", append([]string{"-c", `export LISTEN_PID=$$; exec "$0" "$@"`, bin}, args...)...)
-	} else {
-		cmd = exec.Command(bin, args...)
-	}
-	p := &proc{cmd: cmd, stderr: &syncBuffer{}, done: make(chan struct{})}
-	cmd.Env = append(os.Environ(), o.env...)
-	cmd.ExtraFiles = o.files
-	cmd.Stderr = p.stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", name, err)
-	}
-	go func() {
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-p.done:
-		default:
-			cmd.Process.Kill()
-			<-p.done
-		}
-		if t.Failed() {
-			t.Logf("%s (pid %d) stderr:\n%s", name, cmd.Process.Pid, p.stderr.String())
-		}
-	})
-	return p
-}
-
-func (p *proc) pid() int { return p.cmd.Process.Pid }
-
-func (p *proc) signal(t *testing.T, sig syscall.Signal) {
-	t.Helper()
-	if err := p.cmd.Process.Signal(sig); err != nil {
-		t.Fatalf("signal %v to pid %d: %v", sig, p.pid(), err)
-	}
-}
-
-// wait waits for the process to exit and returns its exit code.
-func (p *proc) wait(t *testing.T, within time.Duration) int {
-	t.Helper()
-	select {
-	case <-p.done:
-	case <-time.After(within):
-		t.Fatalf("pid %d still running after %s", p.pid(), within)
-	}
-	if p.err == nil {
-		return 0
-	}
-	if ee, ok := p.err.(*exec.ExitError); ok {
-		return ee.ExitCode()
-	}
-	t.Fatalf("pid %d: %v", p.pid(), p.err)
-	return -1
-}
-
-// freePort returns a loopback address nobody listens on right now.
-func freePort(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("reserve port: %v", err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
+	os.Exit(proctest.Run(m, dir))
 }
 
 // mark is one line of a sidecar's --ready-file.
@@ -223,7 +69,7 @@ func readMarks(t *testing.T, path string) []mark {
 }
 
 // waitMark waits until the ready file has a line for event.
-func waitMark(t *testing.T, p *proc, path, event string, within time.Duration) mark {
+func waitMark(t *testing.T, p *proctest.Proc, path, event string, within time.Duration) mark {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for {
@@ -233,8 +79,8 @@ func waitMark(t *testing.T, p *proc, path, event string, within time.Duration) m
 			}
 		}
 		select {
-		case <-p.done:
-			t.Fatalf("pid %d exited before %q: %v", p.pid(), event, p.err)
+		case <-p.Done():
+			t.Fatalf("pid %d exited before %q: %v", p.PID(), event, p.Err())
 		default:
 		}
 		if time.Now().After(deadline) {
@@ -245,22 +91,12 @@ func waitMark(t *testing.T, p *proc, path, event string, within time.Duration) m
 }
 
 // startApp starts a demo-app on a free port and waits until it serves.
-func startApp(t *testing.T, name string) (*proc, string) {
+func startApp(t *testing.T, name string) (*proctest.Proc, string) {
 	t.Helper()
-	addr := freePort(t)
-	p := startProc(t, name, bins.app, []string{"--listen", addr, "--name", name, "--drain", "10s"}, procOpts{})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-			return p, addr
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("demo-app on %s not accepting: %v", addr, err)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	addr := proctest.FreeAddr(t)
+	p := proctest.Start(t, name, bins.app, []string{"--listen", addr, "--name", name, "--drain", "10s"}, proctest.Options{})
+	proctest.WaitAccepting(t, "demo-app", addr, 10*time.Second)
+	return p, addr
 }
 
 // socketInodes lists the inodes of the sockets pid holds.

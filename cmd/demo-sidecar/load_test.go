@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/meshagent/meshagent/internal/loadgen"
+	"github.com/meshagent/meshagent/internal/proctest"
 )
 
 // TestLoadThroughRestart is the hand-off load test in miniature, with real
@@ -34,24 +35,24 @@ func TestLoadThroughRestart(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			checkFDs(t)
+			proctest.CheckFDs(t)
 			_, appAddr := startApp(t, "app")
 			dir := t.TempDir()
 
 			var (
 				listen string
-				opts   procOpts
+				opts   proctest.Options
 			)
 			if tt.holdSocket {
 				var f *os.File
 				f, listen = heldListener(t)
-				opts = procOpts{env: []string{"LISTEN_FDS=1", "LISTEN_FDNAMES=listen"}, files: []*os.File{f}, shellPID: true}
+				opts = proctest.Options{Env: []string{"LISTEN_FDS=1", "LISTEN_FDNAMES=listen"}, Files: []*os.File{f}, ShellPID: true}
 			} else {
-				listen = freePort(t)
+				listen = proctest.FreeAddr(t)
 			}
-			startSidecar := func(n string) *proc {
+			startSidecar := func(n string) *proctest.Proc {
 				rf := filepath.Join(dir, n)
-				p := startProc(t, n, bins.sidecar, []string{
+				p := proctest.Start(t, n, bins.sidecar, []string{
 					"--listen", listen, "--admin", "", "--upstream", appAddr,
 					"--ready-after", "50ms", "--ready-file", rf,
 				}, opts)
@@ -76,13 +77,13 @@ func TestLoadThroughRestart(t *testing.T) {
 			time.Sleep(800 * time.Millisecond)
 			if tt.upgrade {
 				startSidecar("sidecar-2") // returns once it is ready
-				first.signal(t, syscall.SIGTERM)
-				if code := first.wait(t, 10*time.Second); code != 0 {
+				first.Signal(t, syscall.SIGTERM)
+				if code := first.Wait(t, 10*time.Second); code != 0 {
 					t.Errorf("old sidecar exit code %d after SIGTERM, want 0", code)
 				}
 			} else {
-				first.signal(t, syscall.SIGKILL)
-				first.wait(t, 10*time.Second)
+				first.Signal(t, syscall.SIGKILL)
+				first.Wait(t, 10*time.Second)
 				time.Sleep(300 * time.Millisecond)
 				startSidecar("sidecar-2")
 			}

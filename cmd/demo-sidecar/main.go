@@ -39,12 +39,12 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
-	"os/signal"
 	"strconv"
-	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
+
+	"github.com/meshagent/meshagent/internal/demo"
+	"github.com/meshagent/meshagent/internal/httpdrain"
 )
 
 // crashExitCode is what --crash-after exits with, distinct from flag errors
@@ -110,17 +110,12 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 func run(args []string, stderr io.Writer) int {
 	// Signals before any slow start-up work: a SIGTERM during start is a
 	// normal stop, not a kill.
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	ctx, stop, log := demo.Start("demo-sidecar", stderr)
 	defer stop()
-	log := slog.New(slog.NewTextHandler(stderr, nil)).With("app", "demo-sidecar", "pid", os.Getpid())
 
 	c, err := parseFlags(args, stderr)
 	if err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		log.Error("bad flags", "err", err)
-		return 2
+		return demo.FlagsExit(log, err)
 	}
 	log = log.With("name", c.name, "version", c.version)
 	s, err := newSidecar(c, log)
@@ -252,9 +247,7 @@ func (s *sidecar) run(ctx context.Context, stopSignals func()) int {
 	if s.admin != nil {
 		go func() { adminDone <- adminSrv.Serve(s.admin) }()
 	}
-	proxySrv := &http.Server{Handler: s.proxy(), ReadHeaderTimeout: 10 * time.Second}
-	conns := trackConns(proxySrv)
-	proxyDone := make(chan error, 1)
+	proxySrv := httpdrain.New(s.ln, s.proxy())
 
 	// Not ready yet: we do not accept, so connections queue in the kernel.
 	readyTimer := time.NewTimer(s.c.readyAfter)
@@ -273,7 +266,7 @@ loop:
 				code = 1
 				break loop
 			}
-			go func() { proxySrv.Serve(s.ln); proxyDone <- nil }()
+			go proxySrv.Serve()
 			serving = true
 			s.ready.Store(true)
 			s.notifyState("READY=1")
@@ -309,25 +302,11 @@ loop:
 	s.notifyState("STOPPING=1")
 	s.mark("stopping")
 	s.log.Info("draining", "deadline", s.c.drain.String())
-	dctx, cancel := context.WithTimeout(context.Background(), s.c.drain)
-	defer cancel()
 	if serving {
-		// Stop accepting first: closing our copy of the socket leaves the
-		// queued connections to another holder (the next sidecar during a
-		// hot upgrade). Then no more keep-alive: idle connections are
-		// closed (a client retries an idempotent request on a reused
-		// connection), every other one gets one more answer with
-		// "Connection: close". Only then Shutdown, which would drop a
-		// request read after it began, unanswered, even on a connection
-		// the client never used before (and so does not retry on).
-		s.ln.Close()
-		proxySrv.SetKeepAlivesEnabled(false)
-		conns.waitNone(dctx)
-		if err := proxySrv.Shutdown(dctx); err != nil {
-			s.log.Warn("drain deadline passed, closing remaining connections", "err", err)
-			proxySrv.Close()
-		}
-		<-proxyDone
+		// Closing our copy of the socket leaves the queued connections to
+		// another holder (the next sidecar during a hot upgrade); see
+		// httpdrain for why every connection still open gets its answer.
+		demo.Drain(s.log, proxySrv, s.c.drain)
 	} else {
 		s.ln.Close()
 	}
@@ -379,38 +358,4 @@ func (s *sidecar) proxy() http.Handler {
 		w.Header().Set("X-Demo-Sidecar", who)
 		rp.ServeHTTP(w, r)
 	})
-}
-
-// connSet tracks the server's open connections.
-type connSet struct {
-	mu    sync.Mutex
-	conns map[net.Conn]struct{}
-}
-
-func trackConns(srv *http.Server) *connSet {
-	f := &connSet{conns: map[net.Conn]struct{}{}}
-	srv.ConnState = func(c net.Conn, st http.ConnState) {
-		f.mu.Lock()
-		defer f.mu.Unlock()
-		switch st {
-		case http.StateClosed, http.StateHijacked:
-			delete(f.conns, c)
-		default:
-			f.conns[c] = struct{}{}
-		}
-	}
-	return f
-}
-
-// waitNone returns once no connection is open, or when ctx ends.
-func (f *connSet) waitNone(ctx context.Context) {
-	for ctx.Err() == nil {
-		f.mu.Lock()
-		n := len(f.conns)
-		f.mu.Unlock()
-		if n == 0 {
-			return
-		}
-		time.Sleep(time.Millisecond)
-	}
 }

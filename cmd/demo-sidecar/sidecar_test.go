@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshagent/meshagent/internal/proctest"
 )
 
 func TestParseListenEnv(t *testing.T) {
@@ -95,15 +97,15 @@ func TestParseFlags(t *testing.T) {
 // before ready waits (it is not refused) and is answered once ready, and the
 // answer comes from the app through this very sidecar.
 func TestReadyAfterAndForwarding(t *testing.T) {
-	checkFDs(t)
+	proctest.CheckFDs(t)
 	app, appAddr := startApp(t, "app-"+t.Name())
 	dir := t.TempDir()
 	rf := filepath.Join(dir, "ready")
 	const readyAfter = 700 * time.Millisecond
-	sc := startProc(t, "sidecar", bins.sidecar, []string{
+	sc := proctest.Start(t, "sidecar", bins.sidecar, []string{
 		"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--upstream", appAddr,
 		"--ready-after", readyAfter.String(), "--ready-file", rf,
-	}, procOpts{})
+	}, proctest.Options{})
 	bound := waitMark(t, sc, rf, "bound", 10*time.Second)
 	listen, admin := bound.fields["listen"], bound.fields["admin"]
 	if bound.fields["source"] != "bound" {
@@ -178,7 +180,7 @@ func TestReadyAfterAndForwarding(t *testing.T) {
 	if status != 200 {
 		t.Fatalf("status %d, body %s", status, body)
 	}
-	if want := fmt.Sprintf("pid=%d", sc.pid()); !strings.Contains(via, want) {
+	if want := fmt.Sprintf("pid=%d", sc.PID()); !strings.Contains(via, want) {
 		t.Errorf("X-Demo-Sidecar %q, want it to name %s", via, want)
 	}
 	var got struct {
@@ -188,16 +190,16 @@ func TestReadyAfterAndForwarding(t *testing.T) {
 	if err := json.Unmarshal([]byte(body), &got); err != nil {
 		t.Fatalf("app body %q: %v", body, err)
 	}
-	if got.PID != app.pid() || got.App != "app-"+t.Name() {
-		t.Errorf("served by app %q pid %d, want %q pid %d", got.App, got.PID, "app-"+t.Name(), app.pid())
+	if got.PID != app.PID() || got.App != "app-"+t.Name() {
+		t.Errorf("served by app %q pid %d, want %q pid %d", got.App, got.PID, "app-"+t.Name(), app.PID())
 	}
 
-	sc.signal(t, syscall.SIGTERM)
-	if code := sc.wait(t, 10*time.Second); code != 0 {
+	sc.Signal(t, syscall.SIGTERM)
+	if code := sc.Wait(t, 10*time.Second); code != 0 {
 		t.Errorf("sidecar exit code %d after SIGTERM, want 0", code)
 	}
-	app.signal(t, syscall.SIGTERM)
-	if code := app.wait(t, 10*time.Second); code != 0 {
+	app.Signal(t, syscall.SIGTERM)
+	if code := app.Wait(t, 10*time.Second); code != 0 {
 		t.Errorf("app exit code %d after SIGTERM, want 0", code)
 	}
 }
@@ -205,20 +207,20 @@ func TestReadyAfterAndForwarding(t *testing.T) {
 // TestSocketActivation passes a real listening socket the systemd way and
 // checks the sidecar serves on it and did not bind --listen itself.
 func TestSocketActivation(t *testing.T) {
-	checkFDs(t)
+	proctest.CheckFDs(t)
 	_, appAddr := startApp(t, "app")
 	f, passedAddr := heldListener(t)
 	passedInode := fdInode(t, int(f.Fd()))
-	notBound := freePort(t) // the sidecar would bind this if it ignored the passed socket
+	notBound := proctest.FreeAddr(t) // the sidecar would bind this if it ignored the passed socket
 
 	rf := filepath.Join(t.TempDir(), "ready")
-	sc := startProc(t, "sidecar", bins.sidecar, []string{
+	sc := proctest.Start(t, "sidecar", bins.sidecar, []string{
 		"--listen", notBound, "--admin", "", "--upstream", appAddr,
 		"--ready-after", "50ms", "--ready-file", rf,
-	}, procOpts{
-		env:      []string{"LISTEN_FDS=1", "LISTEN_FDNAMES=listen"},
-		files:    []*os.File{f},
-		shellPID: true,
+	}, proctest.Options{
+		Env:      []string{"LISTEN_FDS=1", "LISTEN_FDNAMES=listen"},
+		Files:    []*os.File{f},
+		ShellPID: true,
 	})
 	// From now on only the sidecar holds the socket.
 	f.Close()
@@ -229,18 +231,18 @@ func TestSocketActivation(t *testing.T) {
 		t.Errorf("bound line %v, want source=activation listen=%s", bound.fields, passedAddr)
 	}
 	status, via, body := get(t, "http://"+passedAddr+"/")
-	if status != 200 || !strings.Contains(via, fmt.Sprintf("pid=%d", sc.pid())) {
+	if status != 200 || !strings.Contains(via, fmt.Sprintf("pid=%d", sc.PID())) {
 		t.Fatalf("via passed socket: status %d, X-Demo-Sidecar %q, body %s", status, via, body)
 	}
 	if c, err := net.DialTimeout("tcp", notBound, time.Second); err == nil {
 		c.Close()
 		t.Errorf("something accepts on %s: the sidecar bound --listen although a socket was passed", notBound)
 	}
-	if !socketInodes(t, sc.pid())[passedInode] {
-		t.Errorf("sidecar pid %d does not hold the passed socket (inode %d)", sc.pid(), passedInode)
+	if !socketInodes(t, sc.PID())[passedInode] {
+		t.Errorf("sidecar pid %d does not hold the passed socket (inode %d)", sc.PID(), passedInode)
 	}
-	sc.signal(t, syscall.SIGTERM)
-	if code := sc.wait(t, 10*time.Second); code != 0 {
+	sc.Signal(t, syscall.SIGTERM)
+	if code := sc.Wait(t, 10*time.Second); code != 0 {
 		t.Errorf("exit code %d after SIGTERM, want 0", code)
 	}
 }
@@ -295,15 +297,15 @@ func (n *notifySocket) recv(t *testing.T, within time.Duration) (string, []int) 
 // stored fd keeps the port across a SIGKILL: a request sent while no sidecar
 // runs is answered by the next one, started with that fd.
 func TestFDStore(t *testing.T) {
-	checkFDs(t)
+	proctest.CheckFDs(t)
 	_, appAddr := startApp(t, "app")
 	ns := newNotifySocket(t)
 	dir := t.TempDir()
 	rf1 := filepath.Join(dir, "ready1")
-	sc := startProc(t, "sidecar-1", bins.sidecar, []string{
+	sc := proctest.Start(t, "sidecar-1", bins.sidecar, []string{
 		"--listen", "127.0.0.1:0", "--admin", "", "--upstream", appAddr,
 		"--ready-after", "200ms", "--ready-file", rf1, "--fdstore",
-	}, procOpts{env: []string{"NOTIFY_SOCKET=" + ns.path}})
+	}, proctest.Options{Env: []string{"NOTIFY_SOCKET=" + ns.path}})
 
 	msg, fds := ns.recv(t, 10*time.Second)
 	// Each received fd goes into an os.File at once, so exactly one owner
@@ -322,7 +324,7 @@ func TestFDStore(t *testing.T) {
 	// shared with the running sidecar, to blocking mode.
 	stored := fds[0]
 	bound := waitMark(t, sc, rf1, "bound", 10*time.Second)
-	if !socketInodes(t, sc.pid())[fdInode(t, stored)] {
+	if !socketInodes(t, sc.PID())[fdInode(t, stored)] {
 		t.Errorf("stored fd (inode %d) is not a socket the sidecar holds", fdInode(t, stored))
 	}
 	if acc, err := unix.GetsockoptInt(stored, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || acc != 1 {
@@ -343,8 +345,8 @@ func TestFDStore(t *testing.T) {
 
 	// Crash the sidecar. The stored fd keeps the socket listening: a
 	// request now waits in the accept queue instead of being refused.
-	sc.signal(t, syscall.SIGKILL)
-	sc.wait(t, 10*time.Second)
+	sc.Signal(t, syscall.SIGKILL)
+	sc.Wait(t, 10*time.Second)
 	listen := bound.fields["listen"]
 	type answer struct {
 		status int
@@ -365,20 +367,20 @@ func TestFDStore(t *testing.T) {
 	time.Sleep(100 * time.Millisecond) // let the request reach the accept queue
 
 	rf2 := filepath.Join(dir, "ready2")
-	sc2 := startProc(t, "sidecar-2", bins.sidecar, []string{
+	sc2 := proctest.Start(t, "sidecar-2", bins.sidecar, []string{
 		"--listen", "127.0.0.1:1", "--admin", "", "--upstream", appAddr,
 		"--ready-after", "100ms", "--ready-file", rf2, "--fdstore",
-	}, procOpts{
-		env:      []string{"NOTIFY_SOCKET=" + ns.path, "LISTEN_FDS=1", "LISTEN_FDNAMES=listen"},
-		files:    []*os.File{storedFile},
-		shellPID: true,
+	}, proctest.Options{
+		Env:      []string{"NOTIFY_SOCKET=" + ns.path, "LISTEN_FDS=1", "LISTEN_FDNAMES=listen"},
+		Files:    []*os.File{storedFile},
+		ShellPID: true,
 	})
 	a := <-answered
 	if a.err != nil {
 		t.Fatalf("request sent while no sidecar ran: %v", a.err)
 	}
-	if a.status != 200 || !strings.Contains(a.via, fmt.Sprintf("pid=%d", sc2.pid())) {
-		t.Fatalf("request sent while no sidecar ran: status %d via %q, want 200 via pid %d", a.status, a.via, sc2.pid())
+	if a.status != 200 || !strings.Contains(a.via, fmt.Sprintf("pid=%d", sc2.PID())) {
+		t.Fatalf("request sent while no sidecar ran: status %d via %q, want 200 via pid %d", a.status, a.via, sc2.PID())
 	}
 	// The restarted sidecar got the socket passed in: it must not store it
 	// again, so the next datagram is READY=1.
@@ -388,11 +390,11 @@ func TestFDStore(t *testing.T) {
 		}
 		t.Fatalf("restarted sidecar's first notify message %q with %d fds, want READY=1", msg, len(fds))
 	}
-	sc2.signal(t, syscall.SIGTERM)
+	sc2.Signal(t, syscall.SIGTERM)
 	if msg, _ := ns.recv(t, 10*time.Second); msg != "STOPPING=1" {
 		t.Errorf("notify message after SIGTERM %q, want STOPPING=1", msg)
 	}
-	if code := sc2.wait(t, 10*time.Second); code != 0 {
+	if code := sc2.Wait(t, 10*time.Second); code != 0 {
 		t.Errorf("exit code %d after SIGTERM, want 0", code)
 	}
 }
@@ -414,13 +416,13 @@ func TestDrainOnSIGTERM(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			checkFDs(t)
+			proctest.CheckFDs(t)
 			_, appAddr := startApp(t, "app")
 			rf := filepath.Join(t.TempDir(), "ready")
-			sc := startProc(t, "sidecar", bins.sidecar, []string{
+			sc := proctest.Start(t, "sidecar", bins.sidecar, []string{
 				"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--upstream", appAddr,
 				"--ready-after", "10ms", "--ready-file", rf, "--drain", tt.drain.String(),
-			}, procOpts{})
+			}, proctest.Options{})
 			bound := waitMark(t, sc, rf, "bound", 10*time.Second)
 			waitMark(t, sc, rf, "ready", 10*time.Second)
 			listen, admin := bound.fields["listen"], bound.fields["admin"]
@@ -449,13 +451,13 @@ func TestDrainOnSIGTERM(t *testing.T) {
 			// Wait until all n are in the sidecar (its own count says so).
 			waitRequests(t, admin, n)
 			sent := time.Now()
-			sc.signal(t, syscall.SIGTERM)
+			sc.Signal(t, syscall.SIGTERM)
 			waitMark(t, sc, rf, "stopping", 10*time.Second)
 			if c, err := net.DialTimeout("tcp", listen, time.Second); err == nil {
 				c.Close()
 				t.Errorf("new connection accepted after SIGTERM")
 			}
-			code := sc.wait(t, tt.exitAfter+5*time.Second)
+			code := sc.Wait(t, tt.exitAfter+5*time.Second)
 			took := time.Since(sent)
 			wg.Wait()
 			if code != 0 {
@@ -499,16 +501,16 @@ func waitRequests(t *testing.T, admin string, n int64) {
 
 // TestCrashAndUnready covers the failure switches the supervisor's tests use.
 func TestCrashAndUnready(t *testing.T) {
-	checkFDs(t)
+	proctest.CheckFDs(t)
 	_, appAddr := startApp(t, "app")
 	t.Run("crash-after exits with its code", func(t *testing.T) {
 		rf := filepath.Join(t.TempDir(), "ready")
-		sc := startProc(t, "sidecar", bins.sidecar, []string{
+		sc := proctest.Start(t, "sidecar", bins.sidecar, []string{
 			"--listen", "127.0.0.1:0", "--admin", "", "--upstream", appAddr,
 			"--ready-after", "10ms", "--crash-after", "200ms", "--ready-file", rf,
-		}, procOpts{})
+		}, proctest.Options{})
 		ready := waitMark(t, sc, rf, "ready", 10*time.Second)
-		if code := sc.wait(t, 10*time.Second); code != crashExitCode {
+		if code := sc.Wait(t, 10*time.Second); code != crashExitCode {
 			t.Errorf("exit code %d, want %d", code, crashExitCode)
 		}
 		if time.Since(ready.at) < 200*time.Millisecond {
@@ -517,13 +519,13 @@ func TestCrashAndUnready(t *testing.T) {
 	})
 	t.Run("SIGTERM before ready is a clean stop", func(t *testing.T) {
 		rf := filepath.Join(t.TempDir(), "ready")
-		sc := startProc(t, "sidecar", bins.sidecar, []string{
+		sc := proctest.Start(t, "sidecar", bins.sidecar, []string{
 			"--listen", "127.0.0.1:0", "--admin", "", "--upstream", appAddr,
 			"--ready-after", "1h", "--ready-file", rf,
-		}, procOpts{})
+		}, proctest.Options{})
 		bound := waitMark(t, sc, rf, "bound", 10*time.Second)
-		sc.signal(t, syscall.SIGTERM)
-		if code := sc.wait(t, 10*time.Second); code != 0 {
+		sc.Signal(t, syscall.SIGTERM)
+		if code := sc.Wait(t, 10*time.Second); code != 0 {
 			t.Errorf("exit code %d, want 0", code)
 		}
 		for _, m := range readMarks(t, rf) {
@@ -538,10 +540,10 @@ func TestCrashAndUnready(t *testing.T) {
 	})
 	t.Run("unready-after turns /ready to 503 and keeps forwarding", func(t *testing.T) {
 		rf := filepath.Join(t.TempDir(), "ready")
-		sc := startProc(t, "sidecar", bins.sidecar, []string{
+		sc := proctest.Start(t, "sidecar", bins.sidecar, []string{
 			"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--upstream", appAddr,
 			"--ready-after", "10ms", "--unready-after", "100ms", "--ready-file", rf,
-		}, procOpts{})
+		}, proctest.Options{})
 		bound := waitMark(t, sc, rf, "bound", 10*time.Second)
 		deadline := time.Now().Add(10 * time.Second)
 		for {
@@ -557,8 +559,8 @@ func TestCrashAndUnready(t *testing.T) {
 		if status, _, body := get(t, "http://"+bound.fields["listen"]+"/"); status != 200 {
 			t.Errorf("unready sidecar: status %d (%s), want it still forwarding", status, body)
 		}
-		sc.signal(t, syscall.SIGTERM)
-		sc.wait(t, 10*time.Second)
+		sc.Signal(t, syscall.SIGTERM)
+		sc.Wait(t, 10*time.Second)
 	})
 }
 
@@ -579,13 +581,13 @@ func rawListenerFD(t *testing.T) (int, string) {
 // and a passed fd that is not a listening socket is refused with every fd
 // closed.
 func TestTakeListeners(t *testing.T) {
-	checkFDs(t)
+	proctest.CheckFDs(t)
 	t.Run("named", func(t *testing.T) {
 		adminFD, adminAddr := rawListenerFD(t)
 		listenFD, listenAddr := rawListenerFD(t)
 		extraFD, _ := rawListenerFD(t)
 		// Fd numbers are reused at once, so count instead of probing them.
-		before := countFDs(t)
+		before := proctest.CountFDs(t)
 		a, err := takeListeners([]passedFD{{adminFD, "admin"}, {listenFD, "listen"}, {extraFD, "extra"}}, t.Logf)
 		if err != nil {
 			t.Fatal(err)
@@ -596,7 +598,7 @@ func TestTakeListeners(t *testing.T) {
 			t.Errorf("listen %s admin %s, want %s and %s", a.listen.Addr(), a.admin.Addr(), listenAddr, adminAddr)
 		}
 		// Three passed fds closed, two listeners' own fds open.
-		if after := countFDs(t); after != before-1 {
+		if after := proctest.CountFDs(t); after != before-1 {
 			t.Errorf("%d fds open after taking 3 passed fds into 2 listeners, want %d", after, before-1)
 		}
 	})
@@ -618,13 +620,13 @@ func TestTakeListeners(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer unix.Close(p[1])
-		before := countFDs(t)
+		before := proctest.CountFDs(t)
 		_, err := takeListeners([]passedFD{{adminFD, "admin"}, {p[0], "listen"}}, t.Logf)
 		want := fmt.Sprintf("passed fd %d (name \"listen\"): not a listening socket", p[0])
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Fatalf("error %v, want one containing %q", err, want)
 		}
-		if after := countFDs(t); after != before-2 {
+		if after := proctest.CountFDs(t); after != before-2 {
 			t.Errorf("%d fds open after the error, want %d: both passed fds closed, nothing kept", after, before-2)
 		}
 	})

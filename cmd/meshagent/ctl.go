@@ -15,16 +15,18 @@ import (
 	"github.com/meshagent/meshagent/agent"
 )
 
-func defaultSocket() string {
-	if s := os.Getenv("MESHAGENT_SOCKET"); s != "" {
+// socketFromEnv is the socket named by the environment variable env, or def
+// when it is unset or empty.
+func socketFromEnv(env, def string) string {
+	if s := os.Getenv(env); s != "" {
 		return s
 	}
-	return agent.DefaultAdminSocket
+	return def
 }
 
 func cmdCtl(args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("ctl", flag.ContinueOnError)
-	socket := fs.String("socket", defaultSocket(), "admin socket of the agent")
+	socket := fs.String("socket", socketFromEnv("MESHAGENT_SOCKET", agent.DefaultAdminSocket), "admin socket of the agent")
 	asJSON := fs.Bool("json", false, "print JSON for scripts")
 	timeout := fs.Duration("timeout", 30*time.Second, "how long to wait for the agent")
 	if err := fs.Parse(args); err != nil {

@@ -7,7 +7,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"os"
 	"os/signal"
 	"syscall"
 	"time"
@@ -20,13 +19,6 @@ import (
 // socket (mounted into the pod). They name nothing: the agent knows the
 // caller's pod from its peer credentials.
 
-func defaultGateSocket() string {
-	if s := os.Getenv("MESHAGENT_GATE_SOCKET"); s != "" {
-		return s
-	}
-	return agent.DefaultGateSocket
-}
-
 // hookFlags are the flags gate and hold share.
 type hookFlags struct {
 	socket    string
@@ -35,7 +27,7 @@ type hookFlags struct {
 }
 
 func (h *hookFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&h.socket, "socket", defaultGateSocket(), "the node's gate socket as mounted in the pod")
+	fs.StringVar(&h.socket, "socket", socketFromEnv("MESHAGENT_GATE_SOCKET", agent.DefaultGateSocket), "the node's gate socket as mounted in the pod")
 	fs.DurationVar(&h.agentWait, "agent-wait", time.Minute, "how long to keep trying while the agent does not answer (it may be restarting)")
 	fs.BoolVar(&h.asJSON, "json", false, "print the agent's answer as JSON")
 }

@@ -18,36 +18,12 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/meshagent/meshagent/internal/proctest"
 )
 
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
-}
-
-// checkFDs fails the test if it ends with more open fds than it started
-// with. Call it first so its cleanup runs last.
-func checkFDs(t *testing.T) {
-	t.Helper()
-	before := countFDs(t)
-	t.Cleanup(func() {
-		var after int
-		for range 50 {
-			if after = countFDs(t); after <= before {
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-		t.Errorf("fd leak: %d open fds before the test, %d after", before, after)
-	})
-}
-
-func countFDs(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatalf("count fds: %v", err)
-	}
-	return len(ents)
 }
 
 // httpServer serves h on a real loopback socket and counts the connections
@@ -168,7 +144,7 @@ func TestOutcomesAgainstRealServers(t *testing.T) {
 	for _, tt := range tests {
 		for _, ratio := range []float64{0, 1} {
 			t.Run(fmt.Sprintf("%s/new-conn-%v", tt.name, ratio), func(t *testing.T) {
-				checkFDs(t)
+				proctest.CheckFDs(t)
 				cfg := tt.cfg
 				cfg.Target = tt.target(t)
 				cfg.Rate = 100
@@ -217,7 +193,7 @@ func TestNewConnRatio(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(fmt.Sprint(tt.ratio), func(t *testing.T) {
-			checkFDs(t)
+			proctest.CheckFDs(t)
 			target, conns := httpServer(t, func(w http.ResponseWriter, r *http.Request) {})
 			res, err := Run(context.Background(), Config{Target: target, Rate: 100, Duration: 500 * time.Millisecond, NewConnRatio: tt.ratio})
 			if err != nil {
@@ -236,7 +212,7 @@ func TestNewConnRatio(t *testing.T) {
 // TestWindowsAndSkipped: a slow server with MaxInFlight 2 makes due requests
 // skip; the windows arrive in order through OnWindow and add up to the total.
 func TestWindowsAndSkipped(t *testing.T) {
-	checkFDs(t)
+	proctest.CheckFDs(t)
 	target, _ := httpServer(t, func(w http.ResponseWriter, r *http.Request) { time.Sleep(150 * time.Millisecond) })
 	var seen []Window
 	res, err := Run(context.Background(), Config{
@@ -276,7 +252,7 @@ func TestWindowsAndSkipped(t *testing.T) {
 // TestLatencyCoversTheAnswer: latency runs to the last byte of the answer,
 // so it can never be below the server's service time.
 func TestLatencyCoversTheAnswer(t *testing.T) {
-	checkFDs(t)
+	proctest.CheckFDs(t)
 	target, _ := httpServer(t, func(w http.ResponseWriter, r *http.Request) { time.Sleep(100 * time.Millisecond) })
 	res, err := Run(context.Background(), Config{Target: target, Rate: 20, Duration: 500 * time.Millisecond})
 	if err != nil {
@@ -291,7 +267,7 @@ func TestLatencyCoversTheAnswer(t *testing.T) {
 }
 
 func TestStopEarly(t *testing.T) {
-	checkFDs(t)
+	proctest.CheckFDs(t)
 	target, _ := httpServer(t, func(w http.ResponseWriter, r *http.Request) {})
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
