@@ -196,6 +196,13 @@ type ContainerStatus struct {
 	held     string // cause of an exit left down by the auto-restart switch
 	hangSeen bool   // a hang already reported while auto-restart is off
 	lastPID  int    // the pid that just exited, for the exit's state event
+
+	// A probe counts failures from its own last success, but a sidecar
+	// can also be made ready by READY=1 while its probe is still failing
+	// from the start-up. lastFail is the probe's last count seen, and
+	// failBase the part of it from before the latest success of any kind,
+	// which must not count towards a hang.
+	lastFail, failBase int
 }
 
 // Machine is one pod's state machine.
@@ -472,6 +479,13 @@ func (m *Machine) probed(o *out, in InProbe) {
 	}
 	if in.OK {
 		c.hangSeen = false
+		c.failBase = c.lastFail
+	} else {
+		if in.Failures <= c.lastFail {
+			c.failBase = 0 // the probe's count restarted: it saw a success
+		}
+		c.lastFail = in.Failures
+		in.Failures -= c.failBase
 	}
 	if !in.OK && m.noAutoRestart && (c.State == StateRunning || c.State == StateReady) {
 		// Hang detection restarts; with auto-restart off the container

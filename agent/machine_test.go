@@ -255,6 +255,41 @@ func TestMachineHungSidecarRestartedAlone(t *testing.T) {
 	assert.Equal(t, 20, app.PID, "app untouched")
 }
 
+// TestMachineStartupFailuresAreNotAHang: a sidecar made ready by READY=1
+// while its probe is still failing from the start-up is not hung at the
+// probe's next failure; only failures after the readiness count, and a
+// real probe success starts the count again.
+func TestMachineStartupFailuresAreNotAHang(t *testing.T) {
+	d := newDriver(t, testPod())
+	d.in(InStart{})
+	d.in(InStarted{Container: "proxy", PID: 10})
+	for f := 1; f <= 40; f++ { // the fast start-up checks, all failing
+		d.in(InProbe{Container: "proxy", PID: 10, OK: false, Failures: f})
+	}
+	acts := d.in(InProbe{Container: "proxy", PID: 10, OK: true}) // READY=1
+	require.Equal(t, []string{"app"}, starts(acts))
+	d.in(InStarted{Container: "app", PID: 20})
+
+	for f := 41; f <= 42; f++ {
+		acts := d.in(InProbe{Container: "proxy", PID: 10, OK: false, Failures: f})
+		assert.Empty(t, eventsOf(acts, EvHang), "failure %d is the %d. since ready", f, f-40)
+	}
+	acts = d.in(InProbe{Container: "proxy", PID: 10, OK: false, Failures: 43})
+	assert.Len(t, eventsOf(acts, EvHang), 1, "three failures since ready are a hang")
+
+	// The same with a probe success in between: its count restarts at 1.
+	d = newDriver(t, testPod())
+	d.ready()
+	d.in(InProbe{Container: "proxy", PID: 10, OK: false, Failures: 1})
+	d.in(InProbe{Container: "proxy", PID: 10, OK: false, Failures: 2})
+	d.in(InProbe{Container: "proxy", PID: 10, OK: true})
+	acts = d.in(InProbe{Container: "proxy", PID: 10, OK: false, Failures: 1})
+	assert.Empty(t, eventsOf(acts, EvHang))
+	d.in(InProbe{Container: "proxy", PID: 10, OK: false, Failures: 2})
+	acts = d.in(InProbe{Container: "proxy", PID: 10, OK: false, Failures: 3})
+	assert.Len(t, eventsOf(acts, EvHang), 1)
+}
+
 func TestMachineOrderedStop(t *testing.T) {
 	d := newDriver(t, testPod())
 	d.ready()
