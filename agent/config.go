@@ -432,7 +432,7 @@ func (p *PodSpec) setDefaults() {
 				rd.Timeout = Duration(time.Second)
 			}
 			if rd.StartupInterval == 0 {
-				rd.StartupInterval = Duration(2 * time.Millisecond)
+				rd.StartupInterval = Duration(time.Millisecond)
 				if len(rd.Exec) > 0 {
 					// A command per check costs a fork and exec.
 					rd.StartupInterval = Duration(50 * time.Millisecond)

@@ -40,7 +40,7 @@ func TestParseConfigDefaults(t *testing.T) {
 	assert.Equal(t, 30*time.Second, p.Startup.Timeout.D())
 	proxy := p.Containers[0]
 	assert.Equal(t, 2*time.Second, proxy.Readiness.Period.D())
-	assert.Equal(t, 2*time.Millisecond, proxy.Readiness.StartupInterval.D())
+	assert.Equal(t, time.Millisecond, proxy.Readiness.StartupInterval.D())
 	assert.Equal(t, 3, proxy.Readiness.FailureThreshold)
 	assert.Equal(t, 10*time.Second, proxy.Restart.MaxBackoff.D())
 	assert.Equal(t, 100*time.Millisecond, proxy.Restart.InitialBackoff.D())

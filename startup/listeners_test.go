@@ -418,3 +418,40 @@ func cpuTime() time.Duration {
 	_ = unix.Getrusage(unix.RUSAGE_SELF, &ru)
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
+
+// TestFastPhaseIgnoresTable: until its first success a probe connects, so a
+// table that still shows the listener of a process gone since (the one
+// before a restart) cannot open a gate.
+func TestFastPhaseIgnoresTable(t *testing.T) {
+	l := &Listeners{MaxAge: time.Hour}
+	p, fd := rawListen(t, "tcp4", "127.0.0.1", 16, false)
+	addr := "127.0.0.1:" + strconv.Itoa(p)
+	require.NoError(t, l.check(addr), "the table has the listener")
+	unix.Close(fd) // the process is gone; the hour-old table says otherwise
+
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	var first *Result
+	Watch(ctx, TCP{Addr: addr, Listeners: l}, Schedule{Period: time.Second, Fast: time.Millisecond, Align: true}, func(r Result) {
+		if first == nil {
+			first = &r
+		}
+	})
+	require.NotNil(t, first)
+	assert.Error(t, first.Err, "a start-up check must connect, not trust the table")
+}
+
+func TestFastInterval(t *testing.T) {
+	for _, c := range []struct {
+		fast     time.Duration
+		starting int64
+		want     time.Duration
+	}{
+		{time.Millisecond, 1, time.Millisecond},
+		{time.Millisecond, 10, time.Millisecond},
+		{time.Millisecond, 200, 20 * time.Millisecond},
+		{50 * time.Millisecond, 200, 50 * time.Millisecond},
+	} {
+		assert.Equal(t, c.want, fastInterval(c.fast, c.starting), "fast %v, %d starting", c.fast, c.starting)
+	}
+}

@@ -2,6 +2,7 @@ package startup
 
 import (
 	"context"
+	"sync/atomic"
 	"time"
 )
 
@@ -47,8 +48,23 @@ func Watch(ctx context.Context, p Probe, s Schedule, report func(Result)) {
 	if s.Fast <= 0 || s.Fast > s.Period {
 		s.Fast = s.Period
 	}
+	// Until the first success a TCP probe connects: the gate must see the
+	// listener of this start, which a table read up to MaxAge ago (and
+	// perhaps still showing the listener of the process before) cannot
+	// vouch for.
+	fast := p
+	if tp, ok := p.(TCP); ok && tp.Listeners != nil {
+		tp.Listeners = nil
+		fast = tp
+	}
 	everReady := false
 	failures := 0
+	starting.Add(1)
+	defer func() {
+		if !everReady {
+			starting.Add(-1)
+		}
+	}()
 	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
@@ -58,13 +74,21 @@ func Watch(ctx context.Context, p Probe, s Schedule, report func(Result)) {
 		case <-t.C:
 		}
 		cctx, cancel := context.WithTimeout(ctx, s.Timeout)
-		err := p.Check(cctx)
+		var err error
+		if everReady {
+			err = p.Check(cctx)
+		} else {
+			err = fast.Check(cctx)
+		}
 		cancel()
 		if ctx.Err() != nil {
 			return
 		}
 		if err == nil {
 			failures = 0
+			if !everReady {
+				starting.Add(-1)
+			}
 			everReady = true
 		} else {
 			failures++
@@ -82,12 +106,27 @@ func Watch(ctx context.Context, p Probe, s Schedule, report func(Result)) {
 		next := s.Period
 		switch {
 		case !everReady:
-			next = s.Fast
+			next = fastInterval(s.Fast, starting.Load())
 		case s.Align:
 			next = untilGrid(time.Now(), s.Period)
 		}
 		t.Reset(next)
 	}
+}
+
+// starting counts this process's watches still before their first success.
+// Each polls every Fast (a millisecond by default, which is what lets a
+// gate open within a few of them); together, on a node starting 200 pods at
+// once, they would connect 200,000 times a second. fastInterval stretches
+// the interval once more than a handful are starting, so that all of them
+// together stay near fastBudget checks a second: the single pod start keeps
+// its millisecond, a mass start spends a fraction of a core, not all of it.
+var starting atomic.Int64
+
+const fastBudget = 10_000 // checks a second by every starting probe together
+
+func fastInterval(fast time.Duration, starting int64) time.Duration {
+	return max(fast, time.Duration(starting)*time.Second/fastBudget)
 }
 
 // untilGrid is the time from now to the next multiple of period since the
