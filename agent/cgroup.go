@@ -550,6 +550,34 @@ func (r *cgroupRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpe
 	return r.c.watchExit(pod.Name, c.Name, p), nil
 }
 
+// Stage passes staging through, attributing the staged process's exit as
+// Start does.
+func (r *cgroupRuntime) Stage(ctx context.Context, pod *PodSpec, c *ContainerSpec) (stagedStart, error) {
+	sr, ok := r.Runtime.(stager)
+	if !ok {
+		return nil, nil
+	}
+	st, err := sr.Stage(ctx, pod, c)
+	if err != nil || st == nil {
+		return nil, err
+	}
+	return cgroupStaged{stagedStart: st, r: r, pod: pod.Name, c: c.Name}, nil
+}
+
+type cgroupStaged struct {
+	stagedStart
+	r      *cgroupRuntime
+	pod, c string
+}
+
+func (s cgroupStaged) Go(ctx context.Context) (Process, error) {
+	p, err := s.stagedStart.Go(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return s.r.c.watchExit(s.pod, s.c, p), nil
+}
+
 func (r *cgroupRuntime) Adopt(ctx context.Context, pod *PodSpec, c *ContainerSpec, rec ProcessRecord) (Process, error) {
 	p, err := r.Runtime.Adopt(ctx, pod, c, rec)
 	if err != nil {

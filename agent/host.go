@@ -48,6 +48,52 @@ var startSlots = make(chan struct{}, 4)
 
 // Start implements Runtime.
 func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec) (Process, error) {
+	l, err := h.launch(ctx, pod, c, false)
+	if err != nil {
+		return nil, err
+	}
+	return l.execed(pod, c)
+}
+
+// Stage implements stager: the shim enters the container's cgroups and
+// sets its oom_score_adj now, then waits for Go to exec the command. A
+// container that needs no shim has nothing to stage (nil, nil).
+func (h *HostRuntime) Stage(ctx context.Context, pod *PodSpec, c *ContainerSpec) (stagedStart, error) {
+	l, err := h.launch(ctx, pod, c, true)
+	if err != nil || l == nil {
+		return nil, err
+	}
+	return &hostStaged{l: l, pod: pod, c: c}, nil
+}
+
+// launched is a process forked by launch: with a shim, errR reports the
+// shim's failure (or EOF at the exec), and goW, when staged, releases it.
+type launched struct {
+	p    *hostProcess
+	errR *os.File
+	goW  *os.File
+}
+
+// execed waits until the command runs (or the shim failed).
+func (l *launched) execed(pod *PodSpec, c *ContainerSpec) (Process, error) {
+	if l.errR == nil {
+		return l.p, nil
+	}
+	defer l.errR.Close()
+	// Read until EOF (the exec closed the child's copy) or a message
+	// (the shim failed).
+	msg, _ := io.ReadAll(io.LimitReader(l.errR, 4096))
+	if len(msg) > 0 {
+		<-l.p.Done()
+		return nil, fmt.Errorf("pod %s container %s: %s", pod.Name, c.Name, bytes.TrimSpace(msg))
+	}
+	return l.p, nil
+}
+
+// launch forks the container's process: the command itself, or the exec
+// shim when something must happen before the exec. With stage, only a shim
+// is forked (nil when none is needed), and it waits for goW.
+func (h *HostRuntime) launch(ctx context.Context, pod *PodSpec, c *ContainerSpec, stage bool) (*launched, error) {
 	select {
 	case startSlots <- struct{}{}:
 		defer func() { <-startSlots }()
@@ -65,6 +111,10 @@ func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec)
 			return nil, fmt.Errorf("pod %s container %s: prepare: %w", pod.Name, c.Name, err)
 		}
 	}
+	shim := s.ListenFDs || len(s.CgroupProcs) > 0 || s.OOMScoreAdj != nil
+	if stage && !shim {
+		return nil, nil
+	}
 	path, err := resolveCommand(c)
 	if err != nil {
 		return nil, fmt.Errorf("pod %s container %s: %w", pod.Name, c.Name, err)
@@ -76,9 +126,22 @@ func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec)
 	}
 	defer logf.Close()
 
-	shim := s.ListenFDs || len(s.CgroupProcs) > 0 || s.OOMScoreAdj != nil
+	var l launched
 	var cmd *exec.Cmd
-	var errR *os.File
+	var childEnds []*os.File // the child's copies, closed once it has them
+	defer func() {
+		for _, f := range childEnds {
+			f.Close()
+		}
+	}()
+	fail := func(err error) (*launched, error) {
+		for _, f := range []*os.File{l.errR, l.goW} {
+			if f != nil {
+				f.Close()
+			}
+		}
+		return nil, fmt.Errorf("pod %s container %s: %w", pod.Name, c.Name, err)
+	}
 	if shim {
 		self := h.Self
 		if self == "" {
@@ -86,21 +149,30 @@ func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec)
 		}
 		r, w, err := os.Pipe()
 		if err != nil {
-			return nil, fmt.Errorf("pod %s container %s: %w", pod.Name, c.Name, err)
+			return fail(err)
 		}
-		errR = r
-		defer r.Close()
+		l.errR, childEnds = r, append(childEnds, w)
+		files := append([]*os.File{}, s.Files...)
 		spec := execshim.Spec{
 			Path: path, Argv: append([]string{path}, c.Args...),
 			CgroupProcs: s.CgroupProcs, OOMScoreAdj: s.OOMScoreAdj, ListenFDs: s.ListenFDs,
-			ErrFD: 3 + len(s.Files),
 		}
+		if stage {
+			gr, gw, err := os.Pipe()
+			if err != nil {
+				return fail(err)
+			}
+			l.goW, childEnds = gw, append(childEnds, gr)
+			spec.WaitFD = 3 + len(files)
+			files = append(files, gr)
+		}
+		spec.ErrFD = 3 + len(files)
+		files = append(files, w)
 		raw, _ := json.Marshal(spec)
 		cmd = exec.Command(self)
 		cmd.Args = []string{"meshagent-exec", pod.Name + "/" + c.Name}
 		cmd.Env = append(env, execshim.Env+"="+string(raw))
-		cmd.ExtraFiles = append(append([]*os.File{}, s.Files...), w)
-		defer w.Close()
+		cmd.ExtraFiles = files
 	} else {
 		cmd = exec.Command(path, c.Args...)
 		cmd.Args[0] = path
@@ -111,7 +183,7 @@ func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("pod %s container %s: start %s: %w", pod.Name, c.Name, path, err)
+		return fail(fmt.Errorf("start %s: %w", path, err))
 	}
 	pid := cmd.Process.Pid
 	// Nobody waits on the child through os/exec: the pidfd below watches
@@ -122,20 +194,39 @@ func (h *HostRuntime) Start(ctx context.Context, pod *PodSpec, c *ContainerSpec)
 	if perr != nil {
 		_ = unix.Kill(-pid, unix.SIGKILL)
 		_, _ = unix.Wait4(pid, nil, 0, nil)
-		return nil, fmt.Errorf("pod %s container %s: %w", pod.Name, c.Name, perr)
+		return fail(perr)
 	}
-	if shim {
-		// Close our write end first, then read until EOF (the exec
-		// closed the child's copy) or a message (the shim failed).
-		cmd.ExtraFiles[len(cmd.ExtraFiles)-1].Close()
-		msg, _ := io.ReadAll(io.LimitReader(errR, 4096))
-		if len(msg) > 0 {
-			<-p.Done()
-			p.Release()
-			return nil, fmt.Errorf("pod %s container %s: %s", pod.Name, c.Name, bytes.TrimSpace(msg))
-		}
+	l.p = p
+	return &l, nil
+}
+
+// hostStaged is a shim forked ahead of its start, waiting to exec.
+type hostStaged struct {
+	l   *launched
+	pod *PodSpec
+	c   *ContainerSpec
+}
+
+func (st *hostStaged) Go(context.Context) (Process, error) {
+	_, err := st.l.goW.Write([]byte{1})
+	st.l.goW.Close()
+	if err != nil {
+		// The shim is gone (EPIPE): whatever it said, it runs nothing.
+		st.l.errR.Close()
+		return nil, fmt.Errorf("pod %s container %s: staged process %d gone before its start: %w", st.pod.Name, st.c.Name, st.l.p.PID(), err)
 	}
-	return p, nil
+	p, err := st.l.execed(st.pod, st.c)
+	if err == nil {
+		st.l.p.rec.Started = time.Now()
+	}
+	return p, err
+}
+
+// Cancel closes the shim's go pipe: it exits without running the command,
+// and its watcher reaps it.
+func (st *hostStaged) Cancel() {
+	st.l.goW.Close()
+	st.l.errR.Close()
 }
 
 // Adopt implements Runtime.

@@ -518,3 +518,67 @@ func countFDs(t *testing.T) int {
 	require.NoError(t, err)
 	return len(ents)
 }
+
+// TestHostStagedStart: a staged start has forked the shim, which has set its
+// oom_score_adj but runs no command until Go; Go execs the command in the
+// same process; Cancel ends it without running the command; a container
+// that needs no shim has nothing to stage.
+func TestHostStagedStart(t *testing.T) {
+	adj := 500
+	rt := &HostRuntime{Preparers: []Preparer{prepFunc(func(s *StartSpec) { s.OOMScoreAdj = &adj })}}
+	pod := &PodSpec{Name: "staged"}
+	out := filepath.Join(t.TempDir(), "out")
+	c := &ContainerSpec{Name: "app", Command: "/bin/sh", Args: []string{"-c", "echo $$ > " + out}}
+
+	st, err := rt.Stage(context.Background(), pod, c)
+	require.NoError(t, err)
+	require.NotNil(t, st)
+	pid := st.(*hostStaged).l.p.PID()
+	eventually(t, 5*time.Second, "shim set up and waiting", func() bool {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/oom_score_adj", pid))
+		return err == nil && strings.TrimSpace(string(b)) == "500"
+	})
+	time.Sleep(50 * time.Millisecond)
+	_, err = os.Stat(out)
+	assert.True(t, os.IsNotExist(err), "the command must not run before Go")
+
+	p, err := st.Go(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, pid, p.PID(), "the staged process runs the command: same pid")
+	<-p.Done()
+	assert.Equal(t, ExitStatus{Known: true}, p.Exit())
+	b, err := os.ReadFile(out)
+	require.NoError(t, err)
+	assert.Equal(t, strconv.Itoa(pid), strings.TrimSpace(string(b)))
+
+	// Called off: the shim exits, the command never runs.
+	os.Remove(out)
+	st, err = rt.Stage(context.Background(), pod, c)
+	require.NoError(t, err)
+	sp := st.(*hostStaged).l.p
+	st.Cancel()
+	select {
+	case <-sp.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("cancelled staged process still running")
+	}
+	assert.Equal(t, ExitStatus{Known: true}, sp.Exit())
+	_, err = os.Stat(out)
+	assert.True(t, os.IsNotExist(err), "a cancelled stage runs nothing")
+
+	// A staged process killed while it waits: Go says so.
+	st, err = rt.Stage(context.Background(), pod, c)
+	require.NoError(t, err)
+	sp = st.(*hostStaged).l.p
+	require.NoError(t, sp.Signal(syscall.SIGKILL))
+	<-sp.Done()
+	_, err = st.Go(context.Background())
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "gone before its start")
+
+	// Nothing to stage without a shim.
+	plain := &HostRuntime{}
+	st, err = plain.Stage(context.Background(), pod, c)
+	assert.NoError(t, err)
+	assert.Nil(t, st)
+}

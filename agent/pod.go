@@ -37,6 +37,15 @@ type podRunner struct {
 	// listeners is the node's listening-socket table that TCP readiness
 	// probes share; nil probes by connecting.
 	listeners *startup.Listeners
+
+	// staging holds the apps staged while their gate is closed (see
+	// stager), each delivered once its stage is done.
+	staging map[string]chan stageResult
+}
+
+type stageResult struct {
+	st  stagedStart
+	err error
 }
 
 type timerKey struct {
@@ -150,6 +159,9 @@ func (r *podRunner) apply(in Input) {
 			switch a := a.(type) {
 			case ActStart:
 				queue = append(queue, r.start(a.Container))
+				if c := r.spec.Container(a.Container); c != nil && c.Role == RoleSidecar && r.m.Phase == PhasePending {
+					r.stageApps()
+				}
 			case ActSignal:
 				if p := r.procs[a.Container]; p != nil && p.PID() == a.PID {
 					if err := p.Signal(a.Sig); err != nil {
@@ -177,6 +189,18 @@ func (r *podRunner) apply(in Input) {
 
 func (r *podRunner) start(name string) Input {
 	c := r.spec.Container(name)
+	if ch := r.staging[name]; ch != nil {
+		delete(r.staging, name)
+		if res := <-ch; res.st != nil {
+			p, err := res.st.Go(r.ctx)
+			if err == nil {
+				r.procs[name] = p
+				r.watch(name, p)
+				return InStarted{Container: name, PID: p.PID()}
+			}
+			r.log.Warn("staged start failed, starting afresh", "container", name, "err", err)
+		}
+	}
 	ctx, end := r.hx.beforeStart(r.ctx, name)
 	p, err := r.rt.Start(ctx, r.spec, c)
 	end(p)
@@ -186,6 +210,35 @@ func (r *podRunner) start(name string) Input {
 	r.procs[name] = p
 	r.watch(name, p)
 	return InStarted{Container: name, PID: p.PID()}
+}
+
+// stageApps stages every app not yet started, while its sidecars start: by
+// the time the gate opens, only the exec is left of the apps' starts.
+func (r *podRunner) stageApps() {
+	sr, ok := r.rt.(stager)
+	if !ok {
+		return
+	}
+	if r.staging == nil {
+		r.staging = map[string]chan stageResult{}
+	}
+	for i := range r.spec.Containers {
+		c := &r.spec.Containers[i]
+		if c.Role != RoleApp || r.staging[c.Name] != nil {
+			continue
+		}
+		if st, ok := r.m.Container(c.Name); !ok || st.State != StateWaiting {
+			continue
+		}
+		ch := make(chan stageResult, 1)
+		r.staging[c.Name] = ch
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			st, err := sr.Stage(r.ctx, r.spec, c)
+			ch <- stageResult{st, err}
+		}()
+	}
 }
 
 // watch posts InExited when p exits.
@@ -295,6 +348,11 @@ func (r *podRunner) teardown() {
 		cancel()
 	}
 	r.wg.Wait()
+	for _, ch := range r.staging {
+		if res := <-ch; res.st != nil {
+			res.st.Cancel()
+		}
+	}
 	r.hx.close()
 	removeHandoffDir(podHandoffDir(r.state, r.spec.Name))
 	for _, p := range r.procs {

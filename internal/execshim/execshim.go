@@ -38,6 +38,10 @@ type Spec struct {
 	// ErrFD is where the shim writes why it failed; it is close-on-exec,
 	// so the agent reads EOF once the command runs.
 	ErrFD int `json:"errFd"`
+	// WaitFD, when set, holds the shim after it has entered its cgroups
+	// until a byte arrives (a staged start: the slow part done before a
+	// gate opens); EOF instead means the start was called off.
+	WaitFD int `json:"waitFd,omitempty"`
 }
 
 // RunIfRequested turns this process into the shim when it was started as
@@ -68,6 +72,20 @@ func run(s *Spec) error {
 		if err := os.WriteFile("/proc/self/oom_score_adj", []byte(strconv.Itoa(*s.OOMScoreAdj)), 0); err != nil {
 			return fmt.Errorf("set oom_score_adj to %d: %w", *s.OOMScoreAdj, err)
 		}
+	}
+	if s.WaitFD > 0 {
+		var b [1]byte
+		for {
+			n, err := unix.Read(s.WaitFD, b[:])
+			if err == unix.EINTR {
+				continue
+			}
+			if n != 1 {
+				os.Exit(0) // called off: run nothing
+			}
+			break
+		}
+		unix.Close(s.WaitFD)
 	}
 	env := make([]string, 0, len(os.Environ()))
 	for _, kv := range os.Environ() {
