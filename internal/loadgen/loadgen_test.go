@@ -362,6 +362,7 @@ func TestClassify(t *testing.T) {
 		{"deadline", &url.Error{Op: "Get", Err: context.DeadlineExceeded}, 0, Timeout},
 		{"eof", &url.Error{Op: "Get", Err: io.EOF}, 0, EOF},
 		{"unexpected eof in body", io.ErrUnexpectedEOF, 200, EOF},
+		{"kept-alive connection closed by the server", &url.Error{Op: "Get", Err: errors.New("http: server closed idle connection")}, 0, EOF},
 		{"other", errors.New("boom"), 0, Other},
 	}
 	for _, tt := range tests {

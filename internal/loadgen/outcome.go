@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"syscall"
 )
 
@@ -32,6 +33,9 @@ func (o Outcome) String() string {
 	return outcomeNames[o]
 }
 
+// errServerClosedIdle is the text of net/http's errServerClosedIdle.
+const errServerClosedIdle = "http: server closed idle connection"
+
 // classify sorts a request's error (or status, when err is nil) into an
 // outcome. Order matters: a refused connect can also carry a deadline, and a
 // reset is an error before it is an EOF.
@@ -51,6 +55,11 @@ func classify(err error, status int) Outcome {
 	case errors.Is(err, context.DeadlineExceeded):
 		return Timeout
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		return EOF
+	case strings.Contains(err.Error(), errServerClosedIdle):
+		// The server closed a kept-alive connection as the request went
+		// out on it: an EOF that net/http reports under its own
+		// (unexported) error once its one retry met the same fate.
 		return EOF
 	}
 	var ne net.Error
