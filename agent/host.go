@@ -513,6 +513,25 @@ func (e *exitPoller) open() error {
 	return nil
 }
 
+// waitExits waits for events on the set. It parks in Go's netpoller, which
+// watches the epoll fd itself, rather than in a blocking epoll_wait: a
+// goroutine blocked in a system call keeps its P, and the finish it starts
+// for an exit then waits for sysmon to take that P back, up to 10ms on an
+// idle agent, which is what a crashed sidecar's restart is waiting for.
+func waitExits(rc syscall.RawConn, epfd int, evs []unix.EpollEvent) (int, error) {
+	n := 0
+	err := rc.Read(func(uintptr) bool {
+		for {
+			var werr error
+			n, werr = unix.EpollWait(epfd, evs, 0)
+			if werr != unix.EINTR {
+				return n > 0
+			}
+		}
+	})
+	return n, err
+}
+
 // remove stops watching fd (a released process); p.mu is held by the caller.
 func (e *exitPoller) remove(fd int) {
 	e.mu.Lock()
@@ -536,12 +555,32 @@ func (e *exitPoller) stopLocked() {
 }
 
 func (e *exitPoller) run(epfd, wake int) {
-	defer unix.Close(epfd)
 	defer unix.Close(wake)
+	var rc syscall.RawConn
+	if err := unix.SetNonblock(epfd, true); err == nil {
+		ep := os.NewFile(uintptr(epfd), "epoll:exits") // owns epfd now
+		defer ep.Close()
+		rc, _ = ep.SyscallConn()
+	} else {
+		defer unix.Close(epfd)
+	}
 	evs := make([]unix.EpollEvent, 16)
 	for {
-		n, err := unix.EpollWait(epfd, evs, -1)
-		if err != nil && err != unix.EINTR {
+		var n int
+		var err error
+		if rc != nil {
+			n, err = waitExits(rc, epfd, evs)
+			if errors.Is(err, os.ErrNoDeadline) {
+				rc = nil // not pollable here after all: block below
+				continue
+			}
+		} else {
+			n, err = unix.EpollWait(epfd, evs, -1)
+			if err == unix.EINTR {
+				err = nil
+			}
+		}
+		if err != nil {
 			// Cannot happen with a valid set; do not spin on it.
 			slog.Error("process watcher stopped", "err", err)
 			return
