@@ -3,11 +3,14 @@ package cgroup
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
 	"github.com/meshagent/meshagent/internal/execshim"
@@ -178,4 +181,41 @@ func TestParallelPassInTargetOrder(t *testing.T) {
 	if s := fmt.Sprint(m.Reconcile(ctx, targets).Writes); s != "0" {
 		t.Fatalf("steady pass after the corrections: %s writes", s)
 	}
+}
+
+// TestKnobFilesKeepWithinBudget: past its budget the cache reads files by
+// open and close instead of keeping more fds, so it cannot take the fds the
+// agent's starts and sockets need; the values read are the same either way.
+func TestKnobFilesKeepWithinBudget(t *testing.T) {
+	dir := t.TempDir()
+	k := &knobFiles{budget: 3}
+	defer k.closeAll()
+	fdsBefore := openFDs(t)
+	for i := range 10 {
+		p := filepath.Join(dir, strconv.Itoa(i))
+		require.NoError(t, os.WriteFile(p, []byte(strconv.Itoa(i*7)), 0o600))
+		b, err := k.read(p, make([]byte, 64))
+		require.NoError(t, err)
+		assert.Equal(t, strconv.Itoa(i*7), string(b))
+	}
+	assert.EqualValues(t, 3, k.kept.Load())
+	assert.LessOrEqual(t, openFDs(t)-fdsBefore, 3, "no more fds kept than the budget")
+	// A kept file and one read past the budget both see a rewrite.
+	for _, i := range []int{0, 9} {
+		p := filepath.Join(dir, strconv.Itoa(i))
+		require.NoError(t, os.WriteFile(p, []byte("changed"), 0o600))
+		b, err := k.read(p, make([]byte, 64))
+		require.NoError(t, err)
+		assert.Equal(t, "changed", string(b))
+	}
+	k.closeAll()
+	assert.Zero(t, k.kept.Load())
+	assert.Equal(t, fdsBefore, openFDs(t))
+}
+
+func openFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	require.NoError(t, err)
+	return len(ents)
 }

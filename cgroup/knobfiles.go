@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -29,10 +30,44 @@ type knobFiles struct {
 	mu   sync.Mutex // guards gen, open and the entries' gen
 	gen  uint64
 	open map[string]*knobFD
+
+	// kept counts the fds held open. Past keepBudget() reads open and
+	// close their file as if there were no cache: the process's starts
+	// (pipes, pidfds), sockets and held listeners must always find an fd,
+	// whatever the limit a node gives the agent.
+	kept   atomic.Int64
+	budget int64 // 0: not computed yet; under mu
+}
+
+// keepBudget is a quarter of the soft fd limit (Go raises it to the hard
+// limit at start-up): ample for 500 pods under systemd's 1048576 or a
+// DaemonSet's default, and a quarter of 4096 where a node is stingy.
+func keepBudget() int64 {
+	var r unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &r); err != nil || r.Cur == unix.RLIM_INFINITY {
+		return 1 << 16
+	}
+	return max(int64(r.Cur/4), 16)
+}
+
+// mayKeep reports whether one more fd may be kept, counting it if so.
+func (k *knobFiles) mayKeep() bool {
+	k.mu.Lock()
+	if k.budget == 0 {
+		k.budget = keepBudget()
+	}
+	budget := k.budget
+	k.mu.Unlock()
+	if k.kept.Add(1) > budget {
+		k.kept.Add(-1)
+		return false
+	}
+	return true
 }
 
 type knobFD struct {
-	gen uint64 // the last pass that read it; under knobFiles.mu
+	gen  uint64        // the last pass that read it; under knobFiles.mu
+	kept *atomic.Int64 // its knobFiles' count of kept fds
 
 	mu sync.Mutex
 	fd int // -1: not open (yet, or after an error)
@@ -50,7 +85,7 @@ func (k *knobFiles) entry(path string) *knobFD {
 	}
 	e := k.open[path]
 	if e == nil {
-		e = &knobFD{fd: -1}
+		e = &knobFD{fd: -1, kept: &k.kept}
 		k.open[path] = e
 	}
 	e.gen = k.gen
@@ -72,10 +107,8 @@ func (k *knobFiles) lock(path string) *knobFD {
 // drop closes e, which the caller has removed from the map (under k.mu).
 func (e *knobFD) drop() {
 	e.mu.Lock()
-	if e.fd >= 0 {
-		unix.Close(e.fd)
-	}
-	e.fd, e.gone = -1, true
+	e.closeFD()
+	e.gone = true
 	e.mu.Unlock()
 }
 
@@ -83,6 +116,7 @@ func (e *knobFD) closeFD() {
 	if e.fd >= 0 {
 		unix.Close(e.fd)
 		e.fd = -1
+		e.kept.Add(-1)
 	}
 }
 
@@ -92,11 +126,15 @@ func (k *knobFiles) read(path string, buf []byte) ([]byte, error) {
 	defer e.mu.Unlock()
 	for attempt := 0; ; attempt++ {
 		if e.fd < 0 {
-			fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-			if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
+			if !k.mayKeep() {
 				return os.ReadFile(path)
 			}
+			fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 			if err != nil {
+				k.kept.Add(-1)
+				if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
+					return os.ReadFile(path)
+				}
 				return nil, &os.PathError{Op: "open", Path: path, Err: err}
 			}
 			e.fd = fd
@@ -126,11 +164,15 @@ func (k *knobFiles) readFresh(path string, buf []byte) ([]byte, error) {
 	for attempt := 0; ; attempt++ {
 		fresh := e.fd < 0
 		if fresh {
-			dfd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-			if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
+			if !k.mayKeep() {
 				return os.ReadFile(path)
 			}
+			dfd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 			if err != nil {
+				k.kept.Add(-1)
+				if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
+					return os.ReadFile(path)
+				}
 				return nil, &os.PathError{Op: "open", Path: path, Err: err}
 			}
 			e.fd = dfd
