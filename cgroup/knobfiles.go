@@ -39,15 +39,15 @@ type knobFiles struct {
 	budget int64 // 0: not computed yet; under mu
 }
 
-// keepBudget is a quarter of the soft fd limit (Go raises it to the hard
-// limit at start-up): ample for 500 pods under systemd's 1048576 or a
-// DaemonSet's default, and a quarter of 4096 where a node is stingy.
+// keepBudget is half the soft fd limit (Go raises it to the hard limit at
+// start-up): 500 pods fit under systemd's 1048576 or a 20000 limit, and
+// under a stingy 4096 the other half is left for everything else.
 func keepBudget() int64 {
 	var r unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &r); err != nil || r.Cur == unix.RLIM_INFINITY {
 		return 1 << 16
 	}
-	return max(int64(r.Cur/4), 16)
+	return max(int64(r.Cur/2), 16)
 }
 
 // mayKeep reports whether one more fd may be kept, counting it if so.
