@@ -455,3 +455,46 @@ func TestFastInterval(t *testing.T) {
 		assert.Equal(t, c.want, fastInterval(c.fast, c.starting), "fast %v, %d starting", c.fast, c.starting)
 	}
 }
+
+// TestSweepNotHeldUpByOnePod: a probe whose report blocks (its supervisor
+// is busy) does not stop the sweep checking the others.
+func TestSweepNotHeldUpByOnePod(t *testing.T) {
+	l := &Listeners{MaxAge: time.Millisecond}
+	pa, fda := rawListen(t, "tcp4", "127.0.0.1", 16, false)
+	pb, _ := rawListen(t, "tcp4", "127.0.0.1", 16, false)
+	release := make(chan struct{})
+	var aReady, bOKs atomic.Int32
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	sched := Schedule{Period: 50 * time.Millisecond, Fast: time.Millisecond, Align: true}
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		Watch(ctx, TCP{Addr: "127.0.0.1:" + strconv.Itoa(pa), Listeners: l}, sched, func(r Result) {
+			if r.OK() {
+				aReady.Add(1)
+				return
+			}
+			select { // a supervisor too busy to take the failure
+			case <-release:
+			case <-ctx.Done():
+			}
+		})
+	}()
+	go func() {
+		defer wg.Done()
+		Watch(ctx, TCP{Addr: "127.0.0.1:" + strconv.Itoa(pb), Listeners: l}, sched, func(r Result) {
+			if r.OK() {
+				bOKs.Add(1)
+			}
+		})
+	}()
+	waitUntil(t, 5*time.Second, "both ready", func() bool { return aReady.Load() > 0 && bOKs.Load() > 0 })
+	unix.Close(fda) // a fails; its report blocks
+	time.Sleep(2 * sched.Period)
+	base := bOKs.Load()
+	waitUntil(t, 5*time.Second, "b still checked while a's report blocks", func() bool { return bOKs.Load() >= base+3 })
+	close(release)
+	cancel()
+	wg.Wait()
+}

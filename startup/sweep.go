@@ -16,8 +16,8 @@ import (
 // a busy agent); a sweep costs one dump and a map lookup per probe.
 //
 // A probe the table cannot answer in a sweep (its listener is gone) is
-// dialled on a goroutine of its own, so one slow connect never holds up
-// the others' checks.
+// dialled, and a failure or recovery reported, on a goroutine of its own,
+// so one slow connect or busy pod never holds up the others' checks.
 type sweep struct {
 	l      *Listeners
 	period time.Duration
@@ -36,7 +36,7 @@ type sweepEntry struct {
 	failures int
 	report   func(Result)
 	gone     bool // left: never report again
-	dialing  bool // a fallback connect is in flight
+	dialing  bool // a connect or a report is in flight off the sweep
 }
 
 // follow reports on addr from the sweep of s.Period until ctx ends, starting
@@ -115,7 +115,11 @@ func (sw *sweep) tick() {
 	sw.mu.Unlock()
 	table, terr := sw.l.snapshot()
 	for _, e := range entries {
-		e.mu.Lock()
+		// Busy (its report is running off the sweep): skip this tick
+		// rather than wait for it.
+		if !e.mu.TryLock() {
+			continue
+		}
 		if e.gone || e.dialing {
 			e.mu.Unlock()
 			continue
@@ -124,15 +128,22 @@ func (sw *sweep) tick() {
 		if terr == nil {
 			err = verdictIn(table, e.addr, e.targets)
 		}
-		if !errors.Is(err, errNoVerdict) {
-			e.deliver(err)
+		if err == nil && e.failures == 0 {
+			// Still ready: the common case, reported in line.
+			e.deliver(nil)
 			e.mu.Unlock()
 			continue
 		}
+		// A failure, a recovery, or no verdict: the report may have to
+		// wait for its pod (a supervisor busy starting), and a connect
+		// for its timeout. Either happens off the sweep, so one pod never
+		// holds up the checks of the others.
 		e.dialing = true
 		e.mu.Unlock()
 		go func() {
-			err := e.dial()
+			if errors.Is(err, errNoVerdict) {
+				err = e.dial()
+			}
 			e.mu.Lock()
 			defer e.mu.Unlock()
 			e.dialing = false
