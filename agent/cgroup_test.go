@@ -410,3 +410,63 @@ func TestCgroupOffWithoutCgroupFSOrRoot(t *testing.T) {
 	}
 	assert.Contains(t, st.Reason, cfg.Node.Cgroup.Root)
 }
+
+// stagedShims lists the processes of this test binary's children that are
+// exec shims still waiting for pod/container (their argv names it).
+func stagedShims(t *testing.T, podContainer string) []int {
+	t.Helper()
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err == nil && string(b) == "meshagent-exec\x00"+podContainer+"\x00" {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// TestCgroupAppsStagedBehindTheGate: with the cgroup policy, an app waits
+// behind its sidecar as a staged shim already in its cgroup, runs nothing
+// of its own until the gate opens, then runs its command in that same
+// process; a stage the pod never used is called off when the pod goes.
+func TestCgroupAppsStagedBehindTheGate(t *testing.T) {
+	needCgroupV1(t)
+	pod := cgPodName(t, "cgstage")
+	h := newHostPod(t, pod, map[string]string{"DELAY": "1500ms"})
+	never := newHostPod(t, pod+"-never", map[string]string{"NEVER_READY": "1"})
+	ra := startAgent(t, testConfig(t, h.spec, never.spec), WithCgroups())
+
+	var staged []int
+	eventually(t, 10*time.Second, "app staged while its sidecar starts", func() bool {
+		staged = stagedShims(t, pod+"/app")
+		return len(staged) == 1
+	})
+	eventually(t, 5*time.Second, "staged shim placed in the app's cgroup before the gate opens", func() bool {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", staged[0]))
+		return strings.Contains(string(b), ":/meshagent/"+pod+"/app") && ra.container(t, pod, "app").PID == 0
+	})
+	assert.Empty(t, readStamps(h.appStamps)["start"], "the app's own code has not run")
+
+	ra.waitPhase(t, pod, PhaseRunning)
+	eventually(t, 10*time.Second, "app running", func() bool { return len(readStamps(h.appStamps)["start"]) == 1 })
+	assert.Equal(t, staged[0], ra.container(t, pod, "app").PID, "the staged process runs the app: same pid")
+	sc := readStamps(h.sidecarStamps)
+	require.Len(t, sc["listen"], 1)
+	assert.True(t, readStamps(h.appStamps)["start"][0].After(sc["listen"][0]), "the app started after its sidecar accepted")
+
+	// The other pod's sidecar never gets ready: its app stays staged, and
+	// goes when the agent stops, having run nothing.
+	var waiting []int
+	eventually(t, 10*time.Second, "never-ready pod's app staged", func() bool {
+		waiting = stagedShims(t, pod+"-never/app")
+		return len(waiting) == 1
+	})
+	ra.stop(t)
+	eventually(t, 10*time.Second, "staged shim gone with its pod", func() bool { return !alive(waiting[0]) || isZombie(waiting[0]) })
+	assert.Empty(t, readStamps(never.appStamps)["start"], "a called-off stage runs nothing")
+}
