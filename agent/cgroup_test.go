@@ -469,4 +469,6 @@ func TestCgroupAppsStagedBehindTheGate(t *testing.T) {
 	ra.stop(t)
 	eventually(t, 10*time.Second, "staged shim gone with its pod", func() bool { return !alive(waiting[0]) || isZombie(waiting[0]) })
 	assert.Empty(t, readStamps(never.appStamps)["start"], "a called-off stage runs nothing")
+	_, err := os.Stat(cgFile("memory", pod+"-never", "", ""))
+	assert.True(t, os.IsNotExist(err), "the pod's groups are removed: no staged process left in them (%v)", err)
 }

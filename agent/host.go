@@ -222,11 +222,18 @@ func (st *hostStaged) Go(context.Context) (Process, error) {
 	return p, err
 }
 
-// Cancel closes the shim's go pipe: it exits without running the command,
-// and its watcher reaps it.
+// Cancel closes the shim's go pipe, so it exits without running the
+// command, and waits for it to be gone: its pod's cgroups may be removed
+// next, which fails while a process is in them.
 func (st *hostStaged) Cancel() {
 	st.l.goW.Close()
 	st.l.errR.Close()
+	select {
+	case <-st.l.p.Done():
+	case <-time.After(2 * time.Second):
+		_ = st.l.p.Signal(syscall.SIGKILL)
+		<-st.l.p.Done()
+	}
 }
 
 // Adopt implements Runtime.

@@ -153,7 +153,11 @@ func (r *podRunner) apply(in Input) {
 			close(r.phaseCh)
 			r.phaseCh = make(chan struct{})
 		}
+		stopping := r.m.Phase == PhaseStopping || r.m.Phase == PhaseStopped
 		r.mu.Unlock()
+		if stopping && len(r.staging) > 0 {
+			r.callOffStages() // before the pod's cgroups can be removed
+		}
 		persist := false
 		for _, a := range acts {
 			switch a := a.(type) {
@@ -238,6 +242,17 @@ func (r *podRunner) stageApps() {
 			st, err := sr.Stage(r.ctx, r.spec, c)
 			ch <- stageResult{st, err}
 		}()
+	}
+}
+
+// callOffStages ends the staged starts nobody will use: the pod is
+// stopping, or its runner is going.
+func (r *podRunner) callOffStages() {
+	for name, ch := range r.staging {
+		delete(r.staging, name)
+		if res := <-ch; res.st != nil {
+			res.st.Cancel()
+		}
 	}
 }
 
@@ -348,11 +363,7 @@ func (r *podRunner) teardown() {
 		cancel()
 	}
 	r.wg.Wait()
-	for _, ch := range r.staging {
-		if res := <-ch; res.st != nil {
-			res.st.Cancel()
-		}
-	}
+	r.callOffStages()
 	r.hx.close()
 	removeHandoffDir(podHandoffDir(r.state, r.spec.Name))
 	for _, p := range r.procs {
