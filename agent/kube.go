@@ -564,6 +564,7 @@ func (s *kubeSupervisor) startProbe(ctx context.Context, p *kubePod, c *kubeCont
 	go func() {
 		defer s.wg.Done()
 		defer ns.Close()
+		defer closeKubeProbe(probe)
 		last := -1
 		startup.Watch(pctx, probe, sched, func(r startup.Result) {
 			ok := 0
