@@ -217,25 +217,14 @@ func (n *nriPlugin) setConn(up bool, err error) {
 
 // CreateContainer sets a sidecar's values in its adjustment.
 func (n *nriPlugin) CreateContainer(_ context.Context, pod *api.PodSandbox, ctr *api.Container) (*api.ContainerAdjustment, []*api.ContainerUpdate, error) {
-	if !n.a.Switch(SwitchNRI) || !n.a.Switch(SwitchCgroupWrites) || !isSidecar(pod.GetAnnotations(), ctr.GetName()) {
-		return nil, nil, nil
-	}
-	v, err := nriValues(pod, ctr)
-	if err != nil {
-		n.policyError(pod, ctr, err)
+	v, ok := n.values(pod, ctr)
+	if !ok {
 		return nil, nil, nil
 	}
 	adj := &api.ContainerAdjustment{}
 	score := v.OOMScoreAdj
 	adj.SetLinuxOomScoreAdj(&score)
-	if v.CPUQuota > 0 {
-		adj.SetLinuxCPUPeriod(int64(v.CPUPeriod))
-		adj.SetLinuxCPUQuota(v.CPUQuota)
-		adj.SetLinuxCPUShares(v.CPUShares)
-	}
-	if v.MemoryLimit > 0 {
-		adj.SetLinuxMemoryLimit(v.MemoryLimit)
-	}
+	setResources(adj, v)
 	n.mu.Lock()
 	n.adjusted++
 	n.mu.Unlock()
@@ -273,32 +262,52 @@ func (n *nriPlugin) Synchronize(_ context.Context, pods []*api.PodSandbox, ctrs 
 }
 
 func (n *nriPlugin) reassert(pod *api.PodSandbox, ctr *api.Container) *api.ContainerUpdate {
-	if !n.a.Switch(SwitchNRI) || !n.a.Switch(SwitchCgroupWrites) || !isSidecar(pod.GetAnnotations(), ctr.GetName()) {
-		return nil
-	}
-	v, err := nriValues(pod, ctr)
-	if err != nil {
-		n.policyError(pod, ctr, err)
-		return nil
-	}
-	if v.CPUQuota == 0 && v.MemoryLimit == 0 {
+	v, ok := n.values(pod, ctr)
+	if !ok || v.CPUQuota == 0 && v.MemoryLimit == 0 {
 		return nil // oom_score_adj is not updatable, and holds from the start
 	}
 	u := &api.ContainerUpdate{}
 	u.SetContainerId(ctr.GetId())
-	if v.CPUQuota > 0 {
-		u.SetLinuxCPUPeriod(int64(v.CPUPeriod))
-		u.SetLinuxCPUQuota(v.CPUQuota)
-		u.SetLinuxCPUShares(v.CPUShares)
-	}
-	if v.MemoryLimit > 0 {
-		u.SetLinuxMemoryLimit(v.MemoryLimit)
-	}
+	setResources(u, v)
 	u.SetIgnoreFailure() // a container that went away must not fail the others
 	n.mu.Lock()
 	n.updated++
 	n.mu.Unlock()
 	return u
+}
+
+// values are the sidecar values for ctr; false when ctr is no sidecar, the
+// switches are off, or its policy is bad (recorded as an event).
+func (n *nriPlugin) values(pod *api.PodSandbox, ctr *api.Container) (SidecarValues, bool) {
+	if !n.a.Switch(SwitchNRI) || !n.a.Switch(SwitchCgroupWrites) || !isSidecar(pod.GetAnnotations(), ctr.GetName()) {
+		return SidecarValues{}, false
+	}
+	v, err := nriValues(pod, ctr)
+	if err != nil {
+		n.policyError(pod, ctr, err)
+		return SidecarValues{}, false
+	}
+	return v, true
+}
+
+// nriResources is what an adjustment (at create) and an update (later)
+// share of the values a sidecar gets.
+type nriResources interface {
+	SetLinuxCPUPeriod(int64)
+	SetLinuxCPUQuota(int64)
+	SetLinuxCPUShares(uint64)
+	SetLinuxMemoryLimit(int64)
+}
+
+func setResources(r nriResources, v SidecarValues) {
+	if v.CPUQuota > 0 {
+		r.SetLinuxCPUPeriod(int64(v.CPUPeriod))
+		r.SetLinuxCPUQuota(v.CPUQuota)
+		r.SetLinuxCPUShares(v.CPUShares)
+	}
+	if v.MemoryLimit > 0 {
+		r.SetLinuxMemoryLimit(v.MemoryLimit)
+	}
 }
 
 func (n *nriPlugin) policyError(pod *api.PodSandbox, ctr *api.Container, err error) {
