@@ -120,24 +120,38 @@ func (e *knobFD) closeFD() {
 	}
 }
 
+// keep opens name into e, counted against the budget. It reports false,
+// with no error, when the budget or the process's fds are used up: the
+// caller then reads without keeping an fd.
+func (k *knobFiles) keep(e *knobFD, name string, flags int) (bool, error) {
+	if !k.mayKeep() {
+		return false, nil
+	}
+	fd, err := unix.Open(name, flags|unix.O_CLOEXEC, 0)
+	if err != nil {
+		k.kept.Add(-1)
+		if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
+			return false, nil
+		}
+		return false, err
+	}
+	e.fd = fd
+	return true, nil
+}
+
 // read returns the content of path, growing buf as needed.
 func (k *knobFiles) read(path string, buf []byte) ([]byte, error) {
 	e := k.lock(path)
 	defer e.mu.Unlock()
 	for attempt := 0; ; attempt++ {
 		if e.fd < 0 {
-			if !k.mayKeep() {
-				return os.ReadFile(path)
-			}
-			fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			kept, err := k.keep(e, path, unix.O_RDONLY)
 			if err != nil {
-				k.kept.Add(-1)
-				if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
-					return os.ReadFile(path)
-				}
 				return nil, &os.PathError{Op: "open", Path: path, Err: err}
 			}
-			e.fd = fd
+			if !kept {
+				return os.ReadFile(path)
+			}
 		}
 		b, err := preadAll(e.fd, buf)
 		if err == nil {
@@ -164,18 +178,13 @@ func (k *knobFiles) readFresh(path string, buf []byte) ([]byte, error) {
 	for attempt := 0; ; attempt++ {
 		fresh := e.fd < 0
 		if fresh {
-			if !k.mayKeep() {
-				return os.ReadFile(path)
-			}
-			dfd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+			kept, err := k.keep(e, dir, unix.O_PATH|unix.O_DIRECTORY)
 			if err != nil {
-				k.kept.Add(-1)
-				if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
-					return os.ReadFile(path)
-				}
 				return nil, &os.PathError{Op: "open", Path: path, Err: err}
 			}
-			e.fd = dfd
+			if !kept {
+				return os.ReadFile(path)
+			}
 		}
 		fd, err := unix.Openat(e.fd, name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err == nil {
