@@ -65,11 +65,6 @@ func (l *Listeners) check(addr string) error {
 	if !ok {
 		return errNoVerdict
 	}
-	return l.checkTargets(addr, targets)
-}
-
-// checkTargets is check with addr already parsed into targets.
-func (l *Listeners) checkTargets(addr string, targets []netip.AddrPort) error {
 	table, err := l.snapshot()
 	if err != nil {
 		return errNoVerdict
