@@ -39,11 +39,10 @@ type sweepEntry struct {
 	dialing  bool // a connect or a report is in flight off the sweep
 }
 
-// follow reports on addr from the sweep of s.Period until ctx ends, starting
+// follow reports on addr (parsed into targets) from the sweep of s.Period until ctx ends, starting
 // from failures consecutive failures. It returns only once it will never
 // call report again.
-func (l *Listeners) follow(ctx context.Context, addr string, s Schedule, failures int, report func(Result)) {
-	targets, _ := loopbackTargets(addr)
+func (l *Listeners) follow(ctx context.Context, addr string, targets []netip.AddrPort, s Schedule, failures int, report func(Result)) {
 	e := &sweepEntry{addr: addr, targets: targets, failures: failures, report: report}
 	e.dial = func() error {
 		cctx, cancel := context.WithTimeout(ctx, s.Timeout)

@@ -96,9 +96,9 @@ func Watch(ctx context.Context, p Probe, s Schedule, report func(Result)) {
 		report(Result{Err: err, Failures: failures, At: time.Now()})
 		if everReady && s.Align {
 			if tp, ok := p.(TCP); ok && tp.Listeners != nil {
-				if _, ok := loopbackTargets(tp.Addr); ok {
+				if targets, ok := loopbackTargets(tp.Addr); ok {
 					// From here on the node's sweep checks it.
-					tp.Listeners.follow(ctx, tp.Addr, s, failures, report)
+					tp.Listeners.follow(ctx, tp.Addr, targets, s, failures, report)
 					return
 				}
 			}
